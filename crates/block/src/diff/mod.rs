@@ -1,0 +1,71 @@
+//! The vsnap diff: one layer's dirty and zero bitmaps plus the dirty blocks' bytes, in a
+//! self-describing, checksummed file (docs/diff-format.md), and the tools over it.
+
+mod apply;
+mod file;
+mod format;
+pub mod qcow2;
+mod squash;
+mod write;
+
+pub use apply::{apply, check_chain};
+pub use file::DiffFile;
+pub use format::{DiffHeader, CHUNK_SIZE, HEADER_LEN, MAGIC, TRAILER_MAGIC, VERSION};
+pub use squash::squash;
+pub use write::{write_diff, BlockSource};
+
+use std::io;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiffError {
+    #[error("not a vsnap diff (bad magic)")]
+    BadMagic,
+    #[error("unsupported diff version {0} (this build reads version {VERSION})")]
+    Version(u32),
+    #[error("truncated or overlong: the header describes {expected} bytes, the file has {actual}")]
+    Length { expected: u64, actual: u64 },
+    #[error("checksum mismatch in the {0}")]
+    Checksum(&'static str),
+    #[error("corrupt: {0}")]
+    Corrupt(String),
+    #[error("{what} mismatch: expected {expected}, found {found}")]
+    Mismatch {
+        what: &'static str,
+        expected: String,
+        found: String,
+    },
+    #[error("chain out of order: diff #{index} ({path}) has parent {found}, but the diff before it is {expected}")]
+    Chain {
+        index: usize,
+        path: String,
+        expected: String,
+        found: String,
+    },
+    #[error("cancelled")]
+    Cancelled,
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl From<crate::job::Cancelled> for DiffError {
+    fn from(_: crate::job::Cancelled) -> Self {
+        DiffError::Cancelled
+    }
+}
+
+pub(crate) trait DiffIo<T> {
+    fn dctx(self, context: impl FnOnce() -> String) -> Result<T, DiffError>;
+}
+
+impl<T> DiffIo<T> for io::Result<T> {
+    fn dctx(self, context: impl FnOnce() -> String) -> Result<T, DiffError> {
+        self.map_err(|source| DiffError::Io {
+            context: context(),
+            source,
+        })
+    }
+}

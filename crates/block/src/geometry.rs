@@ -1,0 +1,89 @@
+use crate::error::{BlockError, Result};
+use serde::{Deserialize, Serialize};
+
+pub const SECTOR: u64 = 512;
+pub const DEFAULT_BLOCK_SIZE: u32 = 4096;
+/// The largest block size: one block must fit a qcow2 cluster (2 MiB) and a reasonable buffer.
+pub const MAX_BLOCK_SIZE: u32 = 1 << 20;
+
+/// Device size and tracking block size. The last block may be shorter than `block_size` when the
+/// size is not a multiple of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Geometry {
+    pub block_size: u32,
+    pub size: u64,
+}
+
+impl Geometry {
+    pub fn new(size: u64, block_size: u32) -> Result<Self> {
+        if !block_size.is_power_of_two() || !(512..=MAX_BLOCK_SIZE).contains(&block_size) {
+            return Err(BlockError::Geometry(format!(
+                "block size {block_size} must be a power of two from 512 to {MAX_BLOCK_SIZE}"
+            )));
+        }
+        if !size.is_multiple_of(SECTOR) {
+            return Err(BlockError::Geometry(format!(
+                "device size {size} is not a multiple of 512"
+            )));
+        }
+        let g = Self { block_size, size };
+        if g.blocks() > 1 << 32 {
+            return Err(BlockError::Geometry(format!(
+                "{size} bytes is more than 2^32 blocks of {block_size}: use a larger block size"
+            )));
+        }
+        Ok(g)
+    }
+
+    pub fn bs(&self) -> u64 {
+        u64::from(self.block_size)
+    }
+
+    pub fn blocks(&self) -> u64 {
+        self.size.div_ceil(self.bs())
+    }
+
+    /// Device byte range of block `b`, clipped to the device end.
+    pub fn block_span(&self, b: u64) -> (u64, u64) {
+        let s = b * self.bs();
+        (s, (s + self.bs()).min(self.size))
+    }
+
+    /// Block index as stored in bitmaps (`Geometry::new` guarantees it fits).
+    pub fn idx(b: u64) -> u32 {
+        b as u32
+    }
+
+    /// Checks that `[offset, offset + len)` lies within the device.
+    pub fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(BlockError::OutOfRange {
+                offset,
+                len,
+                capacity: self.size,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation() {
+        assert!(Geometry::new(1 << 20, 4096).is_ok());
+        assert!(Geometry::new(1 << 20, 3000).is_err());
+        assert!(Geometry::new(1 << 20, 256).is_err());
+        assert!(Geometry::new(1000, 4096).is_err());
+        assert!(Geometry::new(16 << 40, 4096).is_ok());
+        assert!(Geometry::new((16 << 40) + 4096, 4096).is_err());
+        let g = Geometry::new(4096 * 2 + 512, 4096).unwrap();
+        assert_eq!(g.blocks(), 3);
+        assert_eq!(g.block_span(2), (8192, 8704));
+        assert!(g.check_range(8704, 0).is_ok());
+        assert!(g.check_range(8192, 1024).is_err());
+        assert!(g.check_range(u64::MAX, 2).is_err());
+    }
+}

@@ -1,0 +1,210 @@
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+use serde::Serialize;
+use vsnap_block::diff::{self, DiffFile};
+use vsnap_block::tracker::runs;
+use vsnap_block::{Disk, DiskOptions, Job};
+
+use super::print_json;
+
+#[derive(Subcommand)]
+pub enum DiffCmd {
+    /// Show a diff's header, counts and block ranges (validates every checksum).
+    Inspect {
+        diff: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Apply diffs (oldest first) to a base image, writing the disk as it was at the last cut.
+    Apply {
+        #[arg(long)]
+        base: Option<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(required = true)]
+        diffs: Vec<PathBuf>,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Squash chained diffs (oldest first) into one; the newest state of each block wins.
+    Squash {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(required = true)]
+        diffs: Vec<PathBuf>,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Convert a diff into a qcow2 overlay whose backing file is the diff's parent image.
+    ToQcow2 {
+        #[arg(long)]
+        backing: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        diff: PathBuf,
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Args)]
+pub struct MaterializeArgs {
+    #[arg(long)]
+    state_dir: PathBuf,
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Serialize)]
+struct Inspect {
+    version: u32,
+    id: String,
+    parent: Option<String>,
+    generation: u64,
+    block_size: u32,
+    device_size: u64,
+    blocks: u64,
+    dirty_blocks: u64,
+    zero_blocks: u64,
+    untouched_blocks: u64,
+    data_bytes: u64,
+    zero_bytes: u64,
+    file_bytes: u64,
+    checksums: &'static str,
+    /// Runs of blocks, [start, end) in block indices.
+    dirty_ranges: Vec<(u32, u64)>,
+    zero_ranges: Vec<(u32, u64)>,
+}
+
+pub fn run(cmd: DiffCmd) -> anyhow::Result<()> {
+    match cmd {
+        DiffCmd::Inspect { diff, json } => inspect(diff, json),
+        DiffCmd::Apply {
+            base,
+            out,
+            diffs,
+            force,
+        } => {
+            let job = Job::new();
+            let g = crate::progress::run("apply", &job, || {
+                diff::apply(base.as_deref(), &diffs, &out, force, &job)
+            })??;
+            eprintln!("wrote {} ({} bytes)", out.display(), g.size);
+            Ok(())
+        }
+        DiffCmd::Squash { out, diffs, force } => {
+            let job = Job::new();
+            let h =
+                crate::progress::run("squash", &job, || diff::squash(&diffs, &out, force, &job))??;
+            eprintln!(
+                "wrote {}: {} dirty, {} zero blocks",
+                out.display(),
+                h.dirty_blocks,
+                h.zero_blocks
+            );
+            Ok(())
+        }
+        DiffCmd::ToQcow2 {
+            backing,
+            out,
+            diff,
+            force,
+        } => {
+            let job = Job::new();
+            crate::progress::run("to-qcow2", &job, || {
+                diff::qcow2::to_qcow2(&diff, &backing, &out, force, &job)
+            })??;
+            eprintln!("wrote {}", out.display());
+            Ok(())
+        }
+    }
+}
+
+fn inspect(path: PathBuf, json: bool) -> anyhow::Result<()> {
+    let d = DiffFile::open(&path)?;
+    d.verify(&Job::new())?;
+    let h = &d.header;
+    let g = h.geometry;
+    let info = Inspect {
+        version: diff::VERSION,
+        id: h.id.to_string(),
+        parent: (!h.parent.is_nil()).then(|| h.parent.to_string()),
+        generation: h.generation,
+        block_size: g.block_size,
+        device_size: g.size,
+        blocks: g.blocks(),
+        dirty_blocks: h.dirty_blocks,
+        zero_blocks: h.zero_blocks,
+        untouched_blocks: g.blocks() - h.dirty_blocks - h.zero_blocks,
+        data_bytes: h.data_len(),
+        zero_bytes: h.zero_blocks * g.bs(),
+        file_bytes: h.file_len(),
+        checksums: "ok",
+        dirty_ranges: runs(d.tracker().dirty()).collect(),
+        zero_ranges: runs(d.tracker().zero()).collect(),
+    };
+    if json {
+        return print_json(&info);
+    }
+    println!("vsnap diff v{}  {}", info.version, path.display());
+    println!("id:          {}", info.id);
+    println!(
+        "parent:      {}",
+        info.parent.as_deref().unwrap_or("(base image)")
+    );
+    println!("generation:  {}", info.generation);
+    println!(
+        "device:      {} bytes, {} blocks of {}",
+        info.device_size, info.blocks, info.block_size
+    );
+    println!(
+        "dirty:       {} blocks, {} bytes of data",
+        info.dirty_blocks, info.data_bytes
+    );
+    println!(
+        "zero:        {} blocks ({} bytes, no data)",
+        info.zero_blocks, info.zero_bytes
+    );
+    println!("untouched:   {} blocks", info.untouched_blocks);
+    println!(
+        "file:        {} bytes, checksums {}",
+        info.file_bytes, info.checksums
+    );
+    for (name, ranges) in [("dirty", &info.dirty_ranges), ("zero", &info.zero_ranges)] {
+        let shown: Vec<String> = ranges
+            .iter()
+            .take(16)
+            .map(|(s, e)| format!("{s}-{}", e - 1))
+            .collect();
+        let more = ranges.len().saturating_sub(16);
+        let tail = if more > 0 {
+            format!(" … (+{more} ranges)")
+        } else {
+            String::new()
+        };
+        println!(
+            "{name} ranges: {}{tail}",
+            if shown.is_empty() {
+                "-".into()
+            } else {
+                shown.join(", ")
+            }
+        );
+    }
+    Ok(())
+}
+
+pub fn materialize(a: MaterializeArgs) -> anyhow::Result<()> {
+    let mut o = DiskOptions::new(&a.state_dir);
+    o.readonly = true;
+    let disk = Disk::open(&o)?;
+    let job = Job::new();
+    crate::progress::run("materialize", &job, || {
+        disk.materialize(&a.out, a.force, &job)
+    })??;
+    eprintln!("wrote {} ({} bytes)", a.out.display(), disk.geometry().size);
+    Ok(())
+}

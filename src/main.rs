@@ -1,0 +1,50 @@
+//! vsnap: a vhost-user block device daemon with zero-aware snapshot diffs, and its tools.
+
+mod cmd;
+mod progress;
+mod size;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "vsnap",
+    version,
+    about = "vhost-user disks with snapshot diffs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Inspect, apply, squash and convert snapshot diffs.
+    #[command(subcommand)]
+    Diff(cmd::diff::DiffCmd),
+    /// Create disk images and report their allocation.
+    #[command(subcommand)]
+    Image(cmd::image::ImageCmd),
+    /// Write the disk of a state directory as the guest last saw it (base + layers) to a raw image.
+    Materialize(cmd::diff::MaterializeArgs),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Diff(c) => cmd::diff::run(c),
+        Cmd::Image(c) => cmd::image::run(c),
+        Cmd::Materialize(a) => cmd::diff::materialize(a),
+    };
+    if let Err(e) = r {
+        eprintln!("vsnap: error: {e:#}");
+        std::process::exit(1);
+    }
+}
