@@ -48,7 +48,15 @@ fn tracker(c: &mut Criterion) {
         let mut i = 0u32;
         b.iter(|| {
             let s = (i * 7919) % 999_000;
-            t.set_range(s, s + 32, if i % 2 == 0 { BlockState::Dirty } else { BlockState::Zero });
+            t.set_range(
+                s,
+                s + 32,
+                if i.is_multiple_of(2) {
+                    BlockState::Dirty
+                } else {
+                    BlockState::Zero
+                },
+            );
             i = i.wrapping_add(1);
         })
     });

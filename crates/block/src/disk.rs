@@ -393,14 +393,33 @@ impl Disk {
         self.geom.check_range(offset, len)
     }
 
+    /// Starts a request: until the returned [`Io`] is dropped, a cut waits for it, so every
+    /// operation made through it lands in one generation.
+    pub fn io(&self) -> Io<'_> {
+        Io {
+            disk: self,
+            ticket: self.enter(),
+        }
+    }
+
     /// Reads device bytes at `offset` into `buf`.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.check(offset, buf.len() as u64)?;
-        let t = self.enter();
-        self.read_from(&t.stack, offset, buf, 0)?;
-        Stats::add(&self.stats.reads, 1);
-        Stats::add(&self.stats.read_bytes, buf.len() as u64);
-        Ok(())
+        self.io().read(offset, buf)
+    }
+
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.io().write(offset, data)
+    }
+
+    /// Makes `[offset, offset + len)` read as zero (exactly: partial blocks keep their other bytes).
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.io().write_zeroes(offset, len)
+    }
+
+    /// Discards the blocks `[offset, offset + len)` covers whole; partial blocks are left as they
+    /// are (the spec lets a discard round inward).
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.io().discard(offset, len)
     }
 
     /// Reads `buf` at `offset` from the stack, skipping its first `skip` layers.
@@ -422,31 +441,7 @@ impl Disk {
         Ok(())
     }
 
-    pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
-        self.mutate(offset, data.len() as u64, Op::Data(data))?;
-        Stats::add(&self.stats.writes, 1);
-        Stats::add(&self.stats.written_bytes, data.len() as u64);
-        Ok(())
-    }
-
-    /// Makes `[offset, offset + len)` read as zero (exactly: partial blocks keep their other bytes).
-    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        self.mutate(offset, len, Op::Zeroes)?;
-        Stats::add(&self.stats.write_zeroes, 1);
-        Stats::add(&self.stats.zeroed_bytes, len);
-        Ok(())
-    }
-
-    /// Discards the blocks `[offset, offset + len)` covers whole; partial blocks are left as they
-    /// are (the spec lets a discard round inward).
-    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.mutate(offset, len, Op::Discard)?;
-        Stats::add(&self.stats.discards, 1);
-        Stats::add(&self.stats.discarded_bytes, len);
-        Ok(())
-    }
-
-    fn mutate(&self, offset: u64, len: u64, op: Op<'_>) -> Result<()> {
+    fn mutate(&self, stack: &Stack, offset: u64, len: u64, op: Op<'_>) -> Result<()> {
         if self.readonly {
             return Err(BlockError::ReadOnly);
         }
@@ -454,8 +449,6 @@ impl Disk {
         if len == 0 {
             return Ok(());
         }
-        let t = self.enter();
-        let stack = &*t.stack;
         let bs = self.geom.bs();
         let end = offset + len;
         let (first, last) = (offset / bs, (end - 1) / bs);
@@ -929,6 +922,52 @@ impl Disk {
         }
         self.flush()?;
         self.save_manifest(true)
+    }
+}
+
+/// One request's access to the disk (see [`Disk::io`]).
+pub struct Io<'a> {
+    disk: &'a Disk,
+    ticket: Ticket<'a>,
+}
+
+impl Io<'_> {
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let d = self.disk;
+        d.check(offset, buf.len() as u64)?;
+        d.read_from(&self.ticket.stack, offset, buf, 0)?;
+        Stats::add(&d.stats.reads, 1);
+        Stats::add(&d.stats.read_bytes, buf.len() as u64);
+        Ok(())
+    }
+
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let d = self.disk;
+        d.mutate(
+            &self.ticket.stack,
+            offset,
+            data.len() as u64,
+            Op::Data(data),
+        )?;
+        Stats::add(&d.stats.writes, 1);
+        Stats::add(&d.stats.written_bytes, data.len() as u64);
+        Ok(())
+    }
+
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        let d = self.disk;
+        d.mutate(&self.ticket.stack, offset, len, Op::Zeroes)?;
+        Stats::add(&d.stats.write_zeroes, 1);
+        Stats::add(&d.stats.zeroed_bytes, len);
+        Ok(())
+    }
+
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let d = self.disk;
+        d.mutate(&self.ticket.stack, offset, len, Op::Discard)?;
+        Stats::add(&d.stats.discards, 1);
+        Stats::add(&d.stats.discarded_bytes, len);
+        Ok(())
     }
 }
 
