@@ -276,7 +276,9 @@ fn bad_requests_get_the_right_status_and_the_device_keeps_serving() {
         assert_eq!(st, S_OK, "device stopped serving");
     };
     let cap = SIZE / 512;
-    let cases: Vec<(&str, u32, u64, Vec<u8>, u32, u8)> = vec![
+    // (what, type, sector, device-readable payload, device-writable length, expected status)
+    type Case = (&'static str, u32, u64, Vec<u8>, u32, u8);
+    let cases: Vec<Case> = vec![
         (
             "IN not a multiple of 512",
             blk::T_IN,
