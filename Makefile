@@ -1,7 +1,7 @@
 # vsnap — see README.md.
 CARGO ?= cargo
 
-.PHONY: all build deps test unit lint fmt bench clean
+.PHONY: all build deps test unit guest lint fmt bench clean
 
 all: build
 
@@ -12,11 +12,15 @@ build:
 deps:
 	tests/guest/deps.sh
 
-# Everything CI runs: formatting, lints, unit/integration tests.
-test: deps lint unit
+# Everything CI runs: formatting, lints, unit/integration tests, real-guest tests.
+test: deps lint unit guest
 
 unit:
 	$(CARGO) test --workspace --all-targets
+
+# Real guests (QEMU TCG + Debian kernel + initramfs) against vsnap's sockets.
+guest:
+	tests/guest/blk.sh
 
 lint:
 	$(CARGO) fmt --all -- --check

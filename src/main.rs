@@ -19,6 +19,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Serve a disk to a VMM as a vhost-user-blk device.
+    Blk(cmd::blk::BlkArgs),
     /// Inspect, apply, squash and convert snapshot diffs.
     #[command(subcommand)]
     Diff(cmd::diff::DiffCmd),
@@ -36,9 +38,11 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let r = match cli.cmd {
+        Cmd::Blk(a) => cmd::blk::run(a),
         Cmd::Diff(c) => cmd::diff::run(c),
         Cmd::Image(c) => cmd::image::run(c),
         Cmd::Materialize(a) => cmd::diff::materialize(a),

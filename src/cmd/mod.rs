@@ -1,3 +1,4 @@
+pub mod blk;
 pub mod diff;
 pub mod image;
 

@@ -1,0 +1,127 @@
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Args;
+use vsnap_blk::{serve, BlkBackend, BlkOptions, Stopper};
+use vsnap_block::{Disk, DiskOptions};
+
+use crate::size::parse_size;
+
+#[derive(Args)]
+pub struct BlkArgs {
+    /// vhost-user socket to listen on (the VMM connects to it).
+    #[arg(long, alias = "socket")]
+    socket_path: PathBuf,
+    /// Read-only base image (raw). Omit together with --size for a blank disk.
+    #[arg(long)]
+    base: Option<PathBuf>,
+    /// Size of a blank disk (e.g. 10G) when there is no base image.
+    #[arg(long, value_parser = parse_size)]
+    size: Option<u64>,
+    /// Where layers and their bitmaps live [default: SOCKET.state next to the socket].
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Diffs to start from, oldest first, applied over the base (when the state dir is new).
+    #[arg(long = "chain")]
+    chain: Vec<PathBuf>,
+    /// Serve the disk read-only (the guest sees VIRTIO_BLK_F_RO).
+    #[arg(long)]
+    readonly: bool,
+    /// Number of virtqueues. QEMU's vhost-user-blk-pci asks for one per vCPU and refuses a device
+    /// with fewer, so the default is generous; unused queues cost an idle thread.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
+    num_queues: u16,
+    /// Maximum virtqueue size.
+    #[arg(long, default_value_t = 1024, value_parser = parse_queue_size)]
+    queue_size: u16,
+    /// Tracking block size in bytes (power of two, 512..1M); advertised to the guest as the
+    /// physical block size and I/O granularity.
+    #[arg(long, default_value_t = vsnap_block::DEFAULT_BLOCK_SIZE)]
+    block_size: u32,
+    /// Logical block size the guest sees (512 or up to the tracking block size).
+    #[arg(long, default_value_t = 512)]
+    logical_block_size: u32,
+    /// Serial number the guest reads with GET_ID (at most 20 bytes) [default: derived from the
+    /// state directory].
+    #[arg(long)]
+    serial: Option<String>,
+}
+
+fn parse_queue_size(s: &str) -> Result<u16, String> {
+    let v: u16 = s.parse().map_err(|e| format!("{e}"))?;
+    if v.is_power_of_two() && v <= 32768 {
+        Ok(v)
+    } else {
+        Err("queue size must be a power of two up to 32768".into())
+    }
+}
+
+/// A stable serial for a state directory: "vsnap" and 15 hex digits of a hash of its path.
+fn default_serial(state_dir: &Path) -> String {
+    let path = std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_owned());
+    // FNV-1a: stable across builds and platforms, unlike std's hasher.
+    let h = path
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    format!("vsnap{:015x}", h >> 4)
+}
+
+pub fn run(a: BlkArgs) -> anyhow::Result<()> {
+    if a.serial.as_ref().is_some_and(|s| s.len() > 20) {
+        anyhow::bail!("--serial is longer than 20 bytes");
+    }
+    if !a.logical_block_size.is_power_of_two() || a.logical_block_size < 512 || a.logical_block_size > a.block_size {
+        anyhow::bail!("--logical-block-size must be a power of two from 512 to --block-size");
+    }
+    let state_dir = a.state_dir.clone().unwrap_or_else(|| {
+        let mut s = a.socket_path.clone().into_os_string();
+        s.push(".state");
+        PathBuf::from(s)
+    });
+    let mut o = DiskOptions::new(&state_dir);
+    o.base = a.base.clone();
+    o.size = a.size;
+    o.block_size = a.block_size;
+    o.chain = a.chain.clone();
+    o.readonly = a.readonly;
+    let disk = Arc::new(Disk::open(&o).with_context(|| format!("open the disk in {}", state_dir.display()))?);
+    let g = disk.geometry();
+    tracing::info!(
+        state_dir = %state_dir.display(),
+        capacity = g.size,
+        block_size = g.block_size,
+        generation = disk.info().generation,
+        readonly = a.readonly,
+        "disk open"
+    );
+    let serial = a.serial.clone().unwrap_or_else(|| default_serial(&state_dir));
+    let backend = Arc::new(BlkBackend::new(
+        disk.clone(),
+        BlkOptions {
+            num_queues: a.num_queues,
+            queue_size: a.queue_size,
+            serial,
+            logical_block_size: a.logical_block_size,
+        },
+    ));
+    let stopper = Stopper::new();
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
+    {
+        let stopper = stopper.clone();
+        std::thread::spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                tracing::info!(signal = sig, "stopping: finishing in-flight requests");
+                stopper.stop();
+            }
+        });
+    }
+    let served = serve(backend, &a.socket_path, &stopper);
+    let _ = std::fs::remove_file(&a.socket_path);
+    disk.close().context("persist the disk state")?;
+    tracing::info!("disk state persisted; exiting");
+    served.map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}
