@@ -29,8 +29,10 @@ lint:
 fmt:
 	$(CARGO) fmt --all
 
+# Block-layer micro benchmarks, then vsnap vs qemu-storage-daemon through the same frontend.
 bench:
 	$(CARGO) bench -p vsnap-block --bench block
+	bench/blk.sh
 
 clean:
 	$(CARGO) clean

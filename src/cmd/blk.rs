@@ -65,7 +65,9 @@ fn default_serial(state_dir: &Path) -> String {
         .as_os_str()
         .as_encoded_bytes()
         .iter()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
     format!("vsnap{:015x}", h >> 4)
 }
 
@@ -73,7 +75,10 @@ pub fn run(a: BlkArgs) -> anyhow::Result<()> {
     if a.serial.as_ref().is_some_and(|s| s.len() > 20) {
         anyhow::bail!("--serial is longer than 20 bytes");
     }
-    if !a.logical_block_size.is_power_of_two() || a.logical_block_size < 512 || a.logical_block_size > a.block_size {
+    if !a.logical_block_size.is_power_of_two()
+        || a.logical_block_size < 512
+        || a.logical_block_size > a.block_size
+    {
         anyhow::bail!("--logical-block-size must be a power of two from 512 to --block-size");
     }
     let state_dir = a.state_dir.clone().unwrap_or_else(|| {
@@ -87,7 +92,9 @@ pub fn run(a: BlkArgs) -> anyhow::Result<()> {
     o.block_size = a.block_size;
     o.chain = a.chain.clone();
     o.readonly = a.readonly;
-    let disk = Arc::new(Disk::open(&o).with_context(|| format!("open the disk in {}", state_dir.display()))?);
+    let disk = Arc::new(
+        Disk::open(&o).with_context(|| format!("open the disk in {}", state_dir.display()))?,
+    );
     let g = disk.geometry();
     tracing::info!(
         state_dir = %state_dir.display(),
@@ -97,7 +104,10 @@ pub fn run(a: BlkArgs) -> anyhow::Result<()> {
         readonly = a.readonly,
         "disk open"
     );
-    let serial = a.serial.clone().unwrap_or_else(|| default_serial(&state_dir));
+    let serial = a
+        .serial
+        .clone()
+        .unwrap_or_else(|| default_serial(&state_dir));
     let backend = Arc::new(BlkBackend::new(
         disk.clone(),
         BlkOptions {
@@ -108,7 +118,10 @@ pub fn run(a: BlkArgs) -> anyhow::Result<()> {
         },
     ));
     let stopper = Stopper::new();
-    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])?;
     {
         let stopper = stopper.clone();
         std::thread::spawn(move || {
