@@ -223,7 +223,7 @@ fn main() {
                         mem,
                         a,
                         blocks,
-                        0x9e37_79b9_7f4a_7c15 ^ (i as u64 + 1) * 7919,
+                        0x9e37_79b9_7f4a_7c15 ^ ((i as u64 + 1) * 7919),
                         stop,
                     )
                 })
