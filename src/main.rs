@@ -21,6 +21,8 @@ struct Cli {
 enum Cmd {
     /// Serve a disk to a VMM as a vhost-user-blk device.
     Blk(cmd::blk::BlkArgs),
+    /// Talk to a running daemon's control socket: info, stats, cut, export, fold.
+    Ctl(cmd::ctl::CtlArgs),
     /// Inspect, apply, squash and convert snapshot diffs.
     #[command(subcommand)]
     Diff(cmd::diff::DiffCmd),
@@ -43,6 +45,7 @@ fn main() {
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Blk(a) => cmd::blk::run(a),
+        Cmd::Ctl(a) => cmd::ctl::run(a),
         Cmd::Diff(c) => cmd::diff::run(c),
         Cmd::Image(c) => cmd::image::run(c),
         Cmd::Materialize(a) => cmd::diff::materialize(a),

@@ -42,6 +42,9 @@ pub struct BlkArgs {
     /// Logical block size the guest sees (512 or up to the tracking block size).
     #[arg(long, default_value_t = 512)]
     logical_block_size: u32,
+    /// Control API socket (HTTP/JSON; see docs/api.md), created mode 0600.
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
     /// Serial number the guest reads with GET_ID (at most 20 bytes) [default: derived from the
     /// state directory].
     #[arg(long)]
@@ -69,6 +72,17 @@ fn default_serial(state_dir: &Path) -> String {
             (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
         });
     format!("vsnap{:015x}", h >> 4)
+}
+
+fn device_status(backend: Arc<BlkBackend>, socket: PathBuf) -> vsnap_control::StatusFn {
+    Arc::new(move || vsnap_control::DeviceStatus {
+        kind: "virtio-blk".into(),
+        socket: socket.clone(),
+        queues: backend.options().num_queues,
+        connected: backend.connected.load(std::sync::atomic::Ordering::SeqCst),
+        serial: backend.options().serial.clone(),
+        faults: backend.faults.snapshot().into_iter().collect(),
+    })
 }
 
 pub fn run(a: BlkArgs) -> anyhow::Result<()> {
@@ -117,6 +131,17 @@ pub fn run(a: BlkArgs) -> anyhow::Result<()> {
             logical_block_size: a.logical_block_size,
         },
     ));
+    let stop_api = match &a.api_socket {
+        Some(p) => {
+            let status = device_status(backend.clone(), a.socket_path.clone());
+            let api = vsnap_control::Api::new(disk.clone(), status);
+            let stop = vsnap_control::spawn(p, api)
+                .with_context(|| format!("control socket {}", p.display()))?;
+            tracing::info!(api_socket = %p.display(), "control API listening");
+            Some(stop)
+        }
+        None => None,
+    };
     let stopper = Stopper::new();
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
@@ -133,6 +158,9 @@ pub fn run(a: BlkArgs) -> anyhow::Result<()> {
     }
     let served = serve(backend, &a.socket_path, &stopper);
     let _ = std::fs::remove_file(&a.socket_path);
+    if let Some(stop) = stop_api {
+        stop();
+    }
     disk.close().context("persist the disk state")?;
     tracing::info!("disk state persisted; exiting");
     served.map_err(|e| anyhow::anyhow!("{e}"))?;

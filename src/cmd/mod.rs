@@ -1,4 +1,5 @@
 pub mod blk;
+pub mod ctl;
 pub mod diff;
 pub mod image;
 

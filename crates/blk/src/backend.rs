@@ -77,6 +77,8 @@ pub struct BlkBackend {
     pub faults: Faults,
     /// Chains that could not be answered at all (no status byte), completed with length 0.
     pub dropped_chains: AtomicU64,
+    /// True while a frontend is connected.
+    pub connected: AtomicBool,
 }
 
 impl BlkBackend {
@@ -93,6 +95,7 @@ impl BlkBackend {
             acked: AtomicU64::new(0),
             faults: Faults::default(),
             dropped_chains: AtomicU64::new(0),
+            connected: AtomicBool::new(false),
         }
     }
 

@@ -89,6 +89,7 @@ pub fn serve(backend: Arc<BlkBackend>, socket: &Path, stopper: &Stopper) -> Resu
                 daemon.request_shutdown();
             } else {
                 *conn = daemon.shutdown_handle();
+                backend.connected.store(true, Ordering::SeqCst);
                 tracing::info!("frontend connected");
             }
         }

@@ -1,0 +1,65 @@
+//! The control API's request and response bodies (docs/api.md, docs/openapi.yaml).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// What the device around the disk reports (the blk device fills this in).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct DeviceStatus {
+    pub kind: String,
+    pub socket: PathBuf,
+    pub queues: u16,
+    pub connected: bool,
+    pub serial: String,
+    /// Bad guest requests, by kind.
+    pub faults: BTreeMap<String, u64>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CutRequest {
+    /// fsync the frozen layer and its bitmaps before resuming.
+    #[serde(default)]
+    pub durable: bool,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ExportFormat {
+    #[default]
+    Vsnap,
+    Qcow2,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportRequest {
+    /// Absolute path of the file to create; it must not exist.
+    pub path: PathBuf,
+    #[serde(default)]
+    pub format: ExportFormat,
+    /// qcow2 only: the image the overlay's unallocated clusters read from (the parent).
+    #[serde(default)]
+    pub backing: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FoldRequest {
+    /// Fold even if the generations were not exported.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// State of an export job.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ExportStatus {
+    pub generation: u64,
+    pub state: String,
+    pub path: Option<PathBuf>,
+    pub done_bytes: Option<u64>,
+    pub total_bytes: Option<u64>,
+    pub error: Option<String>,
+}
