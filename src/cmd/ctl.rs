@@ -60,7 +60,12 @@ enum CtlCmd {
     },
 }
 
-fn request(sock: &PathBuf, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+fn request(
+    sock: &std::path::Path,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> anyhow::Result<Value> {
     let (status, body) = call(sock, method, path, body.as_ref())
         .with_context(|| format!("connect to {}", sock.display()))?;
     let text = String::from_utf8_lossy(&body);
