@@ -21,6 +21,7 @@ unit:
 # Real guests (QEMU TCG + Debian kernel + initramfs) against vsnap's sockets.
 guest:
 	tests/guest/blk.sh
+	tests/guest/snapshot.sh
 
 lint:
 	$(CARGO) fmt --all -- --check
