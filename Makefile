@@ -1,12 +1,16 @@
 # vsnap — see README.md.
 CARGO ?= cargo
 
-.PHONY: all build deps test unit guest lint fmt bench clean
+.PHONY: all build deps demo test unit guest lint fmt bench clean
 
 all: build
 
 build:
 	$(CARGO) build --release --workspace
+
+# Serve a blank disk to a guest, cut twice while it writes, export, summarise.
+demo:
+	demo/demo.sh
 
 # System packages the tests need (QEMU, qemu-img, guest tools); root on Debian 12.
 deps:

@@ -4,7 +4,7 @@ source "$(dirname "$0")/lib.sh"
 prepare
 work=$(mktemp -d)
 daemon=
-cleanup() { [ -n "$daemon" ] && kill "$daemon" 2>/dev/null; [ -n "${KEEP:-}" ] || rm -rf "$work"; }
+cleanup() { stop_daemon; [ -n "${KEEP:-}" ] || rm -rf "$work"; }
 trap cleanup EXIT
 queues=2
 sock="$work/blk.sock"

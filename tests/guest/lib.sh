@@ -33,4 +33,9 @@ marker() {
   grep -a -o "$2: [0-9a-f]*" "$1" | tail -1 | awk '{print $2}'
 }
 
+# stop_daemon: SIGTERM the daemon in $daemon (if any) and wait for it to persist and exit.
+stop_daemon() {
+  if [ -n "${daemon:-}" ]; then kill -TERM "$daemon" 2>/dev/null || true; wait "$daemon" 2>/dev/null || true; daemon=; fi
+}
+
 fail() { echo "FAIL: $*" >&2; exit 1; }

@@ -9,7 +9,7 @@ work=$(mktemp -d)
 daemon= qemu=
 cleanup() {
   [ -n "$qemu" ] && kill "$qemu" 2>/dev/null
-  [ -n "$daemon" ] && kill "$daemon" 2>/dev/null
+  stop_daemon
   [ -n "${KEEP:-}" ] || rm -rf "$work"
 }
 trap cleanup EXIT
