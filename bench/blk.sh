@@ -55,13 +55,28 @@ start_qsd() {
   pid=$!
 }
 
-for label in vsnap qemu-storage-daemon; do
+start_qsd_overlay() {
+  qemu-img create -q -f qcow2 -b "$work/base.img" -F raw "$work/overlay.qcow2"
+  qemu-storage-daemon \
+    --blockdev "driver=qcow2,node-name=disk,discard=unmap,file.driver=file,file.filename=$work/overlay.qcow2,file.cache.direct=off" \
+    --export "type=vhost-user-blk,id=e,node-name=disk,addr.type=unix,addr.path=$work/sock,writable=on,num-queues=2" \
+    2>"$work/qsd.log" &
+  pid=$!
+}
+
+# qemu-storage-daemon twice: on a raw copy of the image (fully allocated: writes overwrite), and
+# on a qcow2 overlay over the base, which is vsnap's design (base + writable layer) in QEMU terms.
+for label in vsnap qsd-raw qsd-qcow2-overlay; do
   rm -f "$work/sock"
-  if [ "$label" = vsnap ]; then start_vsnap; else start_qsd; fi
+  case "$label" in
+    vsnap) start_vsnap ;;
+    qsd-raw) start_qsd ;;
+    *) start_qsd_overlay ;;
+  esac
   for _ in $(seq 100); do [ -S "$work/sock" ] && break; sleep 0.1; done
   run_points
   kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
-  rm -f "$work/qsd.img"
+  rm -f "$work/qsd.img" "$work/overlay.qcow2"
 done
 
 python3 - "$out" <<'PY'
@@ -73,7 +88,7 @@ for r in rows:
 print("| workload | backend | IOPS | MiB/s | p50 µs | p99 µs | backend CPU µs/IO | IOPS per backend CPU-second |")
 print("|---|---|---:|---:|---:|---:|---:|---:|")
 for (rw, bs, qd, q, span), d in by.items():
-    for label in ("vsnap", "qemu-storage-daemon"):
+    for label in ("vsnap", "qsd-raw", "qsd-qcow2-overlay"):
         r = d.get(label)
         if not r: continue
         cpu = r["backend_cpu_us_per_io"]

@@ -721,12 +721,7 @@ impl Disk {
         job: &Job,
     ) -> Result<diff::DiffHeader> {
         let tracker = e.layer.tracker().clone();
-        let layer = e.layer.clone();
-        let source = move |off: u64, buf: &mut [u8]| -> std::result::Result<(), DiffError> {
-            layer
-                .read_stored(off, buf)
-                .map_err(|err| DiffError::Corrupt(err.to_string()))
-        };
+        let source = LayerSource(&e.layer);
         let Some(backing) = qcow2_backing else {
             return Ok(write_diff(
                 path,
@@ -922,6 +917,20 @@ impl Disk {
         }
         self.flush()?;
         self.save_manifest(true)
+    }
+}
+
+/// A frozen layer as the source of an export: any block may be read (holes read as zeros).
+struct LayerSource<'a>(&'a Layer);
+
+impl diff::BlockSource for LayerSource<'_> {
+    fn read_blocks(&self, offset: u64, buf: &mut [u8]) -> std::result::Result<(), DiffError> {
+        self.0
+            .read_stored(offset, buf)
+            .map_err(|err| DiffError::Corrupt(err.to_string()))
+    }
+    fn reads_any_block(&self) -> bool {
+        true
     }
 }
 

@@ -16,12 +16,37 @@ use crate::tracker::{runs, Tracker};
 /// Where the bytes of dirty blocks come from: fills `buf` with device bytes at `offset`.
 pub trait BlockSource {
     fn read_blocks(&self, offset: u64, buf: &mut [u8]) -> Result<(), DiffError>;
+    /// True if any block may be read, not only dirty ones; nearby runs are then fetched with one
+    /// read (a layer file: its holes read as zeros, without allocating, even on tmpfs).
+    fn reads_any_block(&self) -> bool {
+        false
+    }
 }
 
 impl<F: Fn(u64, &mut [u8]) -> Result<(), DiffError>> BlockSource for F {
     fn read_blocks(&self, offset: u64, buf: &mut [u8]) -> Result<(), DiffError> {
         self(offset, buf)
     }
+}
+
+/// Dirty runs merged into spans read at once: runs closer than `MAX_GAP` blocks join a span of
+/// at most `MAX_SPAN` bytes. Each span lists its runs.
+const MAX_GAP: u64 = 16;
+const MAX_SPAN: u64 = 1 << 20;
+
+fn spans(dirty: &roaring::RoaringBitmap, bs: u64, merge: bool) -> Vec<(u64, u64, Vec<(u64, u64)>)> {
+    let mut out: Vec<(u64, u64, Vec<(u64, u64)>)> = Vec::new();
+    for (s, e) in runs(dirty) {
+        let s = u64::from(s);
+        match out.last_mut() {
+            Some(last) if merge && s - last.1 <= MAX_GAP && (e - last.0) * bs <= MAX_SPAN => {
+                last.1 = e;
+                last.2.push((s, e));
+            }
+            _ => out.push((s, e, vec![(s, e)])),
+        }
+    }
+    out
 }
 
 /// Writes the diff of `tracker` (data read from `source`) to `path`, which must not exist
@@ -68,23 +93,37 @@ pub fn write_diff(
     let mut buf = vec![0u8; chunk];
     let mut fill = 0usize;
     let mut table = Vec::with_capacity(header.chunks() as usize * 4);
-    for (start, end) in runs(dirty) {
-        let mut b = u64::from(start);
-        while b < end {
-            let n = (end - b).min(((chunk - fill) as u64) / bs);
-            let dev = b * bs;
-            let dev_end = ((b + n) * bs).min(geometry.size);
-            let dst = &mut buf[fill..fill + (n * bs) as usize];
-            let valid = (dev_end - dev) as usize;
-            source.read_blocks(dev, &mut dst[..valid])?;
-            dst[valid..].fill(0);
-            fill += (n * bs) as usize;
-            b += n;
-            if fill == chunk {
-                table.extend_from_slice(&crc32c::crc32c(&buf).to_le_bytes());
-                w.write_all(&buf).dctx(ctx)?;
-                job.advance(chunk as u64)?;
-                fill = 0;
+    let mut span_buf = Vec::new();
+    for (span_start, span_end, span_runs) in spans(dirty, bs, source.reads_any_block()) {
+        let merged = span_runs.len() > 1;
+        if merged {
+            let (a, b) = (span_start * bs, (span_end * bs).min(geometry.size));
+            span_buf.resize((b - a) as usize, 0);
+            source.read_blocks(a, &mut span_buf)?;
+        }
+        for (start, end) in span_runs {
+            let mut b = start;
+            while b < end {
+                let n = (end - b).min(((chunk - fill) as u64) / bs);
+                let dev = b * bs;
+                let dev_end = ((b + n) * bs).min(geometry.size);
+                let dst = &mut buf[fill..fill + (n * bs) as usize];
+                let valid = (dev_end - dev) as usize;
+                if merged {
+                    let o = (dev - span_start * bs) as usize;
+                    dst[..valid].copy_from_slice(&span_buf[o..o + valid]);
+                } else {
+                    source.read_blocks(dev, &mut dst[..valid])?;
+                }
+                dst[valid..].fill(0);
+                fill += (n * bs) as usize;
+                b += n;
+                if fill == chunk {
+                    table.extend_from_slice(&crc32c::crc32c(&buf).to_le_bytes());
+                    w.write_all(&buf).dctx(ctx)?;
+                    job.advance(chunk as u64)?;
+                    fill = 0;
+                }
             }
         }
     }
