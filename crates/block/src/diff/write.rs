@@ -34,8 +34,11 @@ impl<F: Fn(u64, &mut [u8]) -> Result<(), DiffError>> BlockSource for F {
 const MAX_GAP: u64 = 16;
 const MAX_SPAN: u64 = 1 << 20;
 
-fn spans(dirty: &roaring::RoaringBitmap, bs: u64, merge: bool) -> Vec<(u64, u64, Vec<(u64, u64)>)> {
-    let mut out: Vec<(u64, u64, Vec<(u64, u64)>)> = Vec::new();
+/// `(first block, end block, runs inside)`
+type Span = (u64, u64, Vec<(u64, u64)>);
+
+fn spans(dirty: &roaring::RoaringBitmap, bs: u64, merge: bool) -> Vec<Span> {
+    let mut out: Vec<Span> = Vec::new();
     for (s, e) in runs(dirty) {
         let s = u64::from(s);
         match out.last_mut() {
