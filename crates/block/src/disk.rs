@@ -6,7 +6,7 @@
 //! while it swaps layers. Mutations additionally lock the block range they touch; requests on
 //! disjoint blocks never wait for each other. Tracker locks are held only around bitmap updates.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
@@ -951,44 +951,35 @@ impl Io<'_> {
     }
 
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
-        let d = self.disk;
-        d.mutate(
-            &self.ticket.stack,
+        let s = &self.disk.stats;
+        self.mutate(
             offset,
             data.len() as u64,
             Op::Data(data),
-        )?;
-        Stats::add(&d.stats.writes, 1);
-        Stats::add(&d.stats.written_bytes, data.len() as u64);
-        Ok(())
+            (&s.writes, &s.written_bytes),
+        )
     }
 
     pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        let d = self.disk;
-        d.mutate(&self.ticket.stack, offset, len, Op::Zeroes)?;
-        Stats::add(&d.stats.write_zeroes, 1);
-        Stats::add(&d.stats.zeroed_bytes, len);
-        Ok(())
+        let s = &self.disk.stats;
+        self.mutate(offset, len, Op::Zeroes, (&s.write_zeroes, &s.zeroed_bytes))
     }
 
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        let d = self.disk;
-        d.mutate(&self.ticket.stack, offset, len, Op::Discard)?;
-        Stats::add(&d.stats.discards, 1);
-        Stats::add(&d.stats.discarded_bytes, len);
+        let s = &self.disk.stats;
+        self.mutate(offset, len, Op::Discard, (&s.discards, &s.discarded_bytes))
+    }
+
+    fn mutate(
+        &self,
+        offset: u64,
+        len: u64,
+        op: Op<'_>,
+        (count, bytes): (&AtomicU64, &AtomicU64),
+    ) -> Result<()> {
+        self.disk.mutate(&self.ticket.stack, offset, len, op)?;
+        Stats::add(count, 1);
+        Stats::add(bytes, len);
         Ok(())
     }
-}
-
-/// Opens `path` for writing a new raw image (used by tests and tools).
-pub fn create_raw(path: &Path, size: u64) -> Result<File> {
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .ctx(|| format!("create {}", path.display()))?;
-    f.set_len(size).ctx(|| format!("size {}", path.display()))?;
-    Ok(f)
 }

@@ -18,7 +18,7 @@ mod stats;
 pub mod tracker;
 pub mod zero;
 
-pub use disk::{create_raw, CutReport, Disk, DiskInfo, DiskOptions, Io, LayerInfo};
+pub use disk::{CutReport, Disk, DiskInfo, DiskOptions, Io, LayerInfo};
 pub use error::{BlockError, Result};
 pub use geometry::{Geometry, DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE, SECTOR};
 pub use job::{Cancelled, Job};
