@@ -429,3 +429,37 @@ fn device_size_not_a_multiple_of_the_block_size() {
     .unwrap();
     assert_bytes(&std::fs::read(f.path("o.img")).unwrap(), &want);
 }
+
+#[test]
+fn cancelled_export_leaves_nothing_and_can_be_retried() {
+    let f = Fixture::new(SIZE);
+    let d = f.disk();
+    d.write(0, &pattern(32 * 4096, 3)).unwrap();
+    let c = d.cut(false).unwrap();
+    let p = f.path("g.diff");
+    let job = d.start_export(c.generation, &p).unwrap();
+    d.cancel_export(c.generation).unwrap();
+    assert!(d.run_export(c.generation, &p, None, &job).is_err());
+    assert!(!p.exists(), "a cancelled export leaves no file");
+    assert_eq!(
+        std::fs::read_dir(f.dir.path())
+            .unwrap()
+            .filter(|e| e
+                .as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with(".g.diff"))
+            .count(),
+        0
+    );
+    let info = d.info();
+    assert_eq!(info.layers[1].export, "failed");
+    assert!(info.layers[1]
+        .export_error
+        .as_deref()
+        .unwrap()
+        .contains("cancelled"));
+    d.export(c.generation, &p, None).unwrap();
+    assert_eq!(d.info().layers[1].export, "done");
+}
