@@ -212,7 +212,7 @@ fn execute<M: GuestMemoryBackend>(
                 Ok(off) => {
                     let io = disk.io();
                     let mut done = 0u64;
-                    let mut res = Outcome::ok(len as u32 + 1);
+                    let mut res = Outcome::ok(u32::try_from(len + 1).unwrap_or(u32::MAX));
                     while done < len {
                         let n = (len - done).min(CHUNK as u64) as usize;
                         buf.resize(n.max(buf.len()), 0);
