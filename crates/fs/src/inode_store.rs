@@ -1,0 +1,374 @@
+//! The inode table of the passthrough file system.
+//!
+//! virtiofsd keeps one `O_PATH` fd per inode the guest has looked up, so a guest that caches a
+//! large tree exhausts the daemon's fds. Here a non-directory is instead held by a hard link in a
+//! private workdir on the same file system: `linkat("/proc/self/fd/N", AT_SYMLINK_FOLLOW)` needs
+//! no capability, the fd is closed at once, and the inode is reopened through the link when
+//! needed. The link is removed when the guest forgets the inode.
+//!
+//! Fallbacks, per inode: directories cannot be hard-linked and are held by fd (they are few);
+//! inodes on another file system than the workdir (a mount below the share) and inodes the kernel
+//! refuses to link (`protected_hardlinks` for an unprivileged daemon) are held by fd as well.
+//!
+//! The link adds one to `st_nlink`: [`InodeStore::stat`] reports the count the guest would see
+//! without it. The workdir is emptied when the store opens (leftovers of a crash) and when it is
+//! dropped.
+
+use std::collections::HashMap;
+use std::ffi::{CStr, CString};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+/// FUSE's root node id.
+pub const ROOT_ID: u64 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("workdir {path}: {source}")]
+    Workdir { path: String, source: io::Error },
+    #[error("unknown node id {0}")]
+    UnknownNode(u64),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// (st_dev, st_ino): what identifies an inode on the host.
+pub type InodeKey = (u64, u64);
+
+/// How an inode is held open.
+#[derive(Debug)]
+pub enum Handle {
+    /// A hard link named `name` in the workdir; no fd held.
+    Link(CString),
+    /// An `O_PATH` fd.
+    Fd(OwnedFd),
+}
+
+#[derive(Debug)]
+pub struct Inode {
+    pub id: u64,
+    pub key: InodeKey,
+    pub is_dir: bool,
+    pub handle: Handle,
+    lookups: AtomicU64,
+}
+
+impl Inode {
+    pub fn lookups(&self) -> u64 {
+        self.lookups.load(Ordering::Acquire)
+    }
+}
+
+/// Counts of how inodes are held, for stats and tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreCounts {
+    pub inodes: usize,
+    pub links: usize,
+    pub fds: usize,
+}
+
+pub struct InodeStore {
+    workdir: OwnedFd,
+    workdir_dev: u64,
+    inodes: RwLock<HashMap<u64, Arc<Inode>>>,
+    by_key: Mutex<HashMap<InodeKey, u64>>,
+    next_id: AtomicU64,
+}
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+fn fstatat(dirfd: RawFd, name: &CStr, flags: libc::c_int) -> io::Result<libc::stat> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::zeroed();
+    // SAFETY: valid C string and out pointer.
+    cvt(unsafe { libc::fstatat(dirfd, name.as_ptr(), st.as_mut_ptr(), flags) })?;
+    // SAFETY: fstatat succeeded, so the struct is initialised.
+    Ok(unsafe { st.assume_init() })
+}
+
+fn openat(dirfd: RawFd, name: &CStr, flags: libc::c_int) -> io::Result<OwnedFd> {
+    // SAFETY: valid C string; the returned fd is owned by the caller.
+    let fd = cvt(unsafe { libc::openat(dirfd, name.as_ptr(), flags | libc::O_CLOEXEC) })?;
+    // SAFETY: fd was just returned by openat.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Removes every entry of the workdir (it only ever holds our links).
+fn empty_dir(dir: &OwnedFd) -> io::Result<usize> {
+    let dup = cvt(unsafe { libc::dup(dir.as_raw_fd()) })?;
+    // SAFETY: dup returned a new fd that fdopendir takes over.
+    let d = unsafe { libc::fdopendir(dup) };
+    if d.is_null() {
+        // SAFETY: fdopendir failed, so dup is still ours to close.
+        unsafe { libc::close(dup) };
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: d is a valid DIR*.
+    unsafe { libc::rewinddir(d) };
+    let mut names = Vec::new();
+    loop {
+        // SAFETY: d is a valid DIR*; the entry is copied out before the next call.
+        let e = unsafe { libc::readdir64(d) };
+        if e.is_null() {
+            break;
+        }
+        // SAFETY: d_name is NUL-terminated.
+        let name = unsafe { CStr::from_ptr((*e).d_name.as_ptr()) };
+        if name.to_bytes() != b"." && name.to_bytes() != b".." {
+            names.push(name.to_owned());
+        }
+    }
+    // SAFETY: closes the DIR* and its fd.
+    unsafe { libc::closedir(d) };
+    for n in &names {
+        // SAFETY: valid dirfd and C string.
+        unsafe { libc::unlinkat(dir.as_raw_fd(), n.as_ptr(), 0) };
+    }
+    Ok(names.len())
+}
+
+impl InodeStore {
+    /// Opens (creating, mode 0700) the workdir at `workdir` and empties it. The root of the share
+    /// becomes node [`ROOT_ID`], held by fd.
+    pub fn new(workdir: &Path, root: OwnedFd) -> Result<Self, StoreError> {
+        let err = |source| StoreError::Workdir {
+            path: workdir.display().to_string(),
+            source,
+        };
+        match std::fs::create_dir(workdir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(err(e)),
+        }
+        std::fs::set_permissions(workdir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .map_err(err)?;
+        let c = CString::new(workdir.as_os_str().as_encoded_bytes())
+            .map_err(|e| err(io::Error::other(e)))?;
+        let dir = openat(libc::AT_FDCWD, &c, libc::O_PATH | libc::O_DIRECTORY).map_err(err)?;
+        let readable =
+            openat(libc::AT_FDCWD, &c, libc::O_RDONLY | libc::O_DIRECTORY).map_err(err)?;
+        let stale = empty_dir(&readable).map_err(err)?;
+        if stale > 0 {
+            tracing::warn!(workdir = %workdir.display(), links = stale, "removed links left by a previous run");
+        }
+        let st = fstatat(dir.as_raw_fd(), c"", libc::AT_EMPTY_PATH).map_err(err)?;
+        let root_st = fstatat(root.as_raw_fd(), c"", libc::AT_EMPTY_PATH)?;
+        let store = Self {
+            workdir: dir,
+            workdir_dev: st.st_dev,
+            inodes: RwLock::new(HashMap::new()),
+            by_key: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(ROOT_ID + 1),
+        };
+        let root = Arc::new(Inode {
+            id: ROOT_ID,
+            key: (root_st.st_dev, root_st.st_ino),
+            is_dir: true,
+            handle: Handle::Fd(root),
+            lookups: AtomicU64::new(1),
+        });
+        store
+            .by_key
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(root.key, ROOT_ID);
+        store
+            .inodes
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(ROOT_ID, root);
+        Ok(store)
+    }
+
+    pub fn get(&self, id: u64) -> Result<Arc<Inode>, StoreError> {
+        self.inodes
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&id)
+            .cloned()
+            .ok_or(StoreError::UnknownNode(id))
+    }
+
+    /// Looks `name` up in directory `parent` (which must not contain `/`; the caller checks) and
+    /// counts one guest reference to the result.
+    pub fn lookup(
+        &self,
+        parent: &Inode,
+        name: &CStr,
+    ) -> Result<(Arc<Inode>, libc::stat), StoreError> {
+        let pfd = self.path_fd(parent)?;
+        let fd = openat(pfd.as_raw_fd(), name, libc::O_PATH | libc::O_NOFOLLOW)?;
+        let st = fstatat(
+            fd.as_raw_fd(),
+            c"",
+            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+        )?;
+        let key = (st.st_dev, st.st_ino);
+        let mut by_key = self.by_key.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(&id) = by_key.get(&key) {
+            let inode = self.get(id)?;
+            inode.lookups.fetch_add(1, Ordering::AcqRel);
+            drop(by_key);
+            let st = self.stat(&inode)?;
+            return Ok((inode, st));
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
+        let handle = if is_dir || st.st_dev != self.workdir_dev {
+            Handle::Fd(fd)
+        } else {
+            match self.link(&fd, st.st_ino, id) {
+                Ok(name) => Handle::Link(name),
+                Err(e) => {
+                    // EXDEV (a bind mount of the same device), EPERM (protected_hardlinks), …
+                    tracing::debug!(error = %e, "holding inode by fd");
+                    Handle::Fd(fd)
+                }
+            }
+        };
+        let inode = Arc::new(Inode {
+            id,
+            key,
+            is_dir,
+            handle,
+            lookups: AtomicU64::new(1),
+        });
+        by_key.insert(key, id);
+        self.inodes
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id, inode.clone());
+        drop(by_key);
+        let st = self.stat(&inode)?;
+        Ok((inode, st))
+    }
+
+    fn link(&self, fd: &OwnedFd, ino: u64, id: u64) -> io::Result<CString> {
+        let name = CString::new(format!("{ino:x}.{id:x}")).expect("no NUL in hex");
+        let proc = CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("no NUL");
+        // SAFETY: valid C strings and dirfd.
+        cvt(unsafe {
+            libc::linkat(
+                libc::AT_FDCWD,
+                proc.as_ptr(),
+                self.workdir.as_raw_fd(),
+                name.as_ptr(),
+                libc::AT_SYMLINK_FOLLOW,
+            )
+        })?;
+        Ok(name)
+    }
+
+    /// An `O_PATH` fd for the inode (opened through its link, or duplicated).
+    pub fn path_fd(&self, inode: &Inode) -> io::Result<OwnedFd> {
+        match &inode.handle {
+            Handle::Fd(fd) => fd.try_clone(),
+            Handle::Link(name) => openat(
+                self.workdir.as_raw_fd(),
+                name,
+                libc::O_PATH | libc::O_NOFOLLOW,
+            ),
+        }
+    }
+
+    /// Opens the inode for I/O with `flags` (not for symlinks, which cannot be opened).
+    pub fn open(&self, inode: &Inode, flags: libc::c_int) -> io::Result<OwnedFd> {
+        let flags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY) | libc::O_NOFOLLOW;
+        match &inode.handle {
+            Handle::Link(name) => openat(self.workdir.as_raw_fd(), name, flags),
+            Handle::Fd(fd) => {
+                let p = CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("no NUL");
+                openat(libc::AT_FDCWD, &p, flags & !libc::O_NOFOLLOW)
+            }
+        }
+    }
+
+    /// The inode's attributes as the guest should see them: without our workdir link.
+    pub fn stat(&self, inode: &Inode) -> io::Result<libc::stat> {
+        match &inode.handle {
+            Handle::Fd(fd) => fstatat(
+                fd.as_raw_fd(),
+                c"",
+                libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+            ),
+            Handle::Link(name) => {
+                let mut st = fstatat(self.workdir.as_raw_fd(), name, libc::AT_SYMLINK_NOFOLLOW)?;
+                st.st_nlink = st.st_nlink.saturating_sub(1);
+                Ok(st)
+            }
+        }
+    }
+
+    /// Drops `n` guest references; the inode (and its link) goes when none is left.
+    pub fn forget(&self, id: u64, n: u64) {
+        if id == ROOT_ID {
+            return;
+        }
+        let mut by_key = self.by_key.lock().unwrap_or_else(PoisonError::into_inner);
+        let Ok(inode) = self.get(id) else { return };
+        let left = inode
+            .lookups
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |l| {
+                Some(l.saturating_sub(n))
+            })
+            .map(|prev| prev.saturating_sub(n))
+            .unwrap_or(0);
+        if left > 0 {
+            return;
+        }
+        by_key.remove(&inode.key);
+        self.inodes
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&id);
+        drop(by_key);
+        if let Handle::Link(name) = &inode.handle {
+            // SAFETY: valid dirfd and C string.
+            unsafe { libc::unlinkat(self.workdir.as_raw_fd(), name.as_ptr(), 0) };
+        }
+    }
+
+    /// BATCH_FORGET.
+    pub fn forget_many(&self, items: &[(u64, u64)]) {
+        for &(id, n) in items {
+            self.forget(id, n);
+        }
+    }
+
+    pub fn counts(&self) -> StoreCounts {
+        let inodes = self.inodes.read().unwrap_or_else(PoisonError::into_inner);
+        let links = inodes
+            .values()
+            .filter(|i| matches!(i.handle, Handle::Link(_)))
+            .count();
+        StoreCounts {
+            inodes: inodes.len(),
+            links,
+            fds: inodes.len() - links,
+        }
+    }
+}
+
+impl Drop for InodeStore {
+    fn drop(&mut self) {
+        for inode in self
+            .inodes
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+        {
+            if let Handle::Link(name) = &inode.handle {
+                // SAFETY: valid dirfd and C string.
+                unsafe { libc::unlinkat(self.workdir.as_raw_fd(), name.as_ptr(), 0) };
+            }
+        }
+    }
+}

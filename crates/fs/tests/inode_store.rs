@@ -1,0 +1,171 @@
+//! The workdir inode store on real file systems.
+
+use std::ffi::CString;
+use std::io::Read;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use vsnap_fs::inode_store::{Handle, InodeStore, ROOT_ID};
+
+fn open_dir(p: &Path) -> OwnedFd {
+    let c = CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    assert!(fd >= 0);
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+fn cname(s: &str) -> CString {
+    CString::new(s).unwrap()
+}
+
+fn entries(p: &Path) -> usize {
+    std::fs::read_dir(p).unwrap().count()
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+/// A share and a workdir on the same file system.
+fn setup() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+    let t = tempfile::tempdir().unwrap();
+    let share = t.path().join("share");
+    std::fs::create_dir(&share).unwrap();
+    let work = t.path().join("work");
+    (t, share, work)
+}
+
+#[test]
+fn lookups_are_counted_and_forget_removes_the_link() {
+    let (_t, share, work) = setup();
+    std::fs::write(share.join("a"), b"hello").unwrap();
+    std::fs::create_dir(share.join("d")).unwrap();
+    let s = InodeStore::new(&work, open_dir(&share)).unwrap();
+    let root = s.get(ROOT_ID).unwrap();
+    let (a, st) = s.lookup(&root, &cname("a")).unwrap();
+    assert_eq!(st.st_size, 5);
+    assert!(
+        matches!(a.handle, Handle::Link(_)),
+        "files are held by a link"
+    );
+    assert_eq!(entries(&work), 1);
+    let (a2, _) = s.lookup(&root, &cname("a")).unwrap();
+    assert_eq!((a2.id, a.lookups()), (a.id, 2));
+    let (d, _) = s.lookup(&root, &cname("d")).unwrap();
+    assert!(
+        matches!(d.handle, Handle::Fd(_)),
+        "directories are held by fd"
+    );
+    assert_eq!(s.counts().inodes, 3);
+    s.forget(a.id, 1);
+    assert!(s.get(a.id).is_ok());
+    s.forget(a.id, 1);
+    assert!(s.get(a.id).is_err(), "forgotten");
+    assert_eq!(entries(&work), 0, "link removed");
+    s.forget_many(&[(d.id, 1), (999, 5)]);
+    assert_eq!(s.counts().inodes, 1, "only the root is left");
+    assert!(s.get(12345).is_err());
+    s.forget(ROOT_ID, 10);
+    assert!(s.get(ROOT_ID).is_ok(), "the root is never forgotten");
+}
+
+#[test]
+fn guest_sees_nlink_without_our_link_and_reads_through_it() {
+    let (_t, share, work) = setup();
+    std::fs::write(share.join("f"), b"data!").unwrap();
+    std::fs::hard_link(share.join("f"), share.join("g")).unwrap();
+    std::os::unix::fs::symlink("f", share.join("sym")).unwrap();
+    let s = InodeStore::new(&work, open_dir(&share)).unwrap();
+    let root = s.get(ROOT_ID).unwrap();
+    let (f, st) = s.lookup(&root, &cname("f")).unwrap();
+    assert_eq!(st.st_nlink, 2, "host has 2 links; ours is hidden");
+    assert_eq!(
+        std::fs::metadata(share.join("f")).unwrap().nlink(),
+        3,
+        "the workdir link exists"
+    );
+    let (g, _) = s.lookup(&root, &cname("g")).unwrap();
+    assert_eq!(g.id, f.id, "hard links are one inode");
+    let fd = s.open(&f, libc::O_RDONLY).unwrap();
+    let mut text = String::new();
+    std::fs::File::from(fd).read_to_string(&mut text).unwrap();
+    assert_eq!(text, "data!");
+    let (sym, st) = s.lookup(&root, &cname("sym")).unwrap();
+    assert_eq!(
+        st.st_mode & libc::S_IFMT,
+        libc::S_IFLNK,
+        "symlinks are not followed"
+    );
+    assert!(matches!(sym.handle, Handle::Link(_)));
+    // Unlinked on the host while the guest holds it: still readable through our link.
+    std::fs::remove_file(share.join("f")).unwrap();
+    std::fs::remove_file(share.join("g")).unwrap();
+    assert_eq!(s.stat(&f).unwrap().st_nlink, 0);
+    let mut text = String::new();
+    std::fs::File::from(s.open(&f, libc::O_RDONLY).unwrap())
+        .read_to_string(&mut text)
+        .unwrap();
+    assert_eq!(text, "data!");
+}
+
+#[test]
+fn other_file_systems_fall_back_to_fds() {
+    // The workdir on the disk-backed temp dir, the share on tmpfs: different st_dev.
+    let t = tempfile::tempdir().unwrap();
+    let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+    assert_ne!(
+        std::fs::metadata(t.path()).unwrap().dev(),
+        std::fs::metadata(shm.path()).unwrap().dev()
+    );
+    std::fs::write(shm.path().join("x"), b"1").unwrap();
+    let work = t.path().join("work");
+    let s = InodeStore::new(&work, open_dir(shm.path())).unwrap();
+    let (x, st) = s.lookup(&s.get(ROOT_ID).unwrap(), &cname("x")).unwrap();
+    assert!(matches!(x.handle, Handle::Fd(_)));
+    assert_eq!(st.st_nlink, 1);
+    assert_eq!(entries(&work), 0);
+}
+
+#[test]
+fn workdir_is_private_and_emptied_at_start_and_drop() {
+    let (_t, share, work) = setup();
+    std::fs::create_dir(&work).unwrap();
+    std::fs::write(work.join("stale.1"), b"left by a crash").unwrap();
+    std::fs::write(share.join("a"), b"a").unwrap();
+    let s = InodeStore::new(&work, open_dir(&share)).unwrap();
+    assert_eq!(entries(&work), 0, "leftovers removed");
+    assert_eq!(std::fs::metadata(&work).unwrap().mode() & 0o777, 0o700);
+    s.lookup(&s.get(ROOT_ID).unwrap(), &cname("a")).unwrap();
+    assert_eq!(entries(&work), 1);
+    drop(s);
+    assert_eq!(entries(&work), 0, "links removed at shutdown");
+    assert_eq!(std::fs::metadata(share.join("a")).unwrap().nlink(), 1);
+}
+
+#[test]
+fn holding_20000_inodes_costs_no_fds() {
+    let (_t, share, work) = setup();
+    for i in 0..20_000 {
+        std::fs::write(share.join(format!("f{i}")), b"").unwrap();
+    }
+    let s = InodeStore::new(&work, open_dir(&share)).unwrap();
+    let root = s.get(ROOT_ID).unwrap();
+    let before = open_fds();
+    for i in 0..20_000 {
+        s.lookup(&root, &cname(&format!("f{i}"))).unwrap();
+    }
+    let after = open_fds();
+    let c = s.counts();
+    assert_eq!((c.inodes, c.links, c.fds), (20_001, 20_000, 1));
+    assert!(
+        after <= before + 4,
+        "fds grew from {before} to {after} while holding 20,000 inodes"
+    );
+    assert_eq!(entries(&work), 20_000);
+}
