@@ -20,25 +20,22 @@ RUST_LOG=warn "$vsnap" blk --socket-path "$work/blk.sock" --size 512M --state-di
   --api-socket "$work/api.sock" --num-queues 2 > "$work/daemon.log" 2>&1 &
 daemon=$!
 wait_for "$work/blk.sock"
-mkfifo "$work/ctl.in" "$work/ctl.out"
+ctl_start
+n=0
+on_guest() { # the guest asks for a cut while it keeps writing
+  case "$1" in CUT1|CUT2) ;; *) return 0 ;; esac
+  n=$((n + 1))
+  ctl --json cut > "$work/cut$n.json"
+  python3 -c "import json;r=json.load(open('$work/cut$n.json'));print(f\"   cut $n while the guest writes: froze generation {r['generation']}, guest paused {r['pause_us']} µs ({r['drained']} requests drained)\")" >&2
+  sleep 2
+  echo NEXT
+}
 echo "== booting the guest (QEMU TCG)"
 guest "$repo/demo/guest.sh" "$work/guest.log" 600 \
   -chardev "socket,id=c0,path=$work/blk.sock" -device vhost-user-blk-pci,chardev=c0,num-queues=2 \
-  -chardev "pipe,id=ctl,path=$work/ctl" -serial chardev:ctl &
+  "${ctl_qemu[@]}" &
 qemu=$!
-exec 3<"$work/ctl.out" 4>"$work/ctl.in"
-n=0
-while IFS= read -r line <&3; do
-  case "${line%$'\r'}" in
-    CUT1|CUT2)
-      n=$((n + 1))
-      ctl --json cut > "$work/cut$n.json"
-      echo "   cut $n while the guest writes: $(python3 -c "import json;r=json.load(open('$work/cut$n.json'));print(f\"froze generation {r['generation']}, guest paused {r['pause_us']} µs ({r['drained']} requests drained)\")")"
-      sleep 2
-      echo NEXT >&4 ;;
-    DONE) break ;;
-  esac
-done
+ctl_loop on_guest
 wait "$qemu" || { tail -20 "$work/guest.log"; fail "guest failed"; }
 qemu=
 echo "== exporting generations 1 and 2"

@@ -2,10 +2,6 @@
 # The demo guest: an ext4 file system that keeps changing while the host cuts twice.
 set -eu
 dev=/dev/vda
-ctl=/dev/ttyS1
-stty -F $ctl raw -echo
-say() { echo "$1" > $ctl; }
-await() { while read -r line < $ctl; do [ "${line%$(printf '\r')}" = "$1" ] && return 0; done; return 1; }
 
 echo "guest: mkfs.ext4 -E discard, mount, write files"
 mkfs.ext4 -q -F -E discard $dev

@@ -21,11 +21,30 @@ wait_for() {
 guest() {
   local script=$1 log=$2 timeout=$3; shift 3
   local s; s=$(mktemp)
-  { echo '#!/bin/sh'; printf '%s\n' "${GUEST_ENV[@]}"; tail -n +2 "$script"; } > "$s"
+  { echo '#!/bin/sh'; printf '%s\n' "${GUEST_ENV[@]}"; cat "$repo/tests/guest/guest-ctl.sh"; tail -n +2 "$script"; } > "$s"
   local rc=0
   "$repo/tests/guest/run-guest.sh" "$guest/kernel" "$guest/initramfs.cpio.gz" "$s" "$log" "$timeout" "$@" || rc=$?
   rm -f "$s"
   return $rc
+}
+
+# The host side of the guest's say/await channel (tests/guest/guest-ctl.sh): a second serial
+# port backed by FIFOs in $work. Pass "${ctl_qemu[@]}" to guest(), start it in the background,
+# then ctl_loop HANDLER: HANDLER runs for every line the guest says (its output goes back to the
+# guest) until the guest says DONE or exits.
+ctl_start() {
+  mkfifo "$work/ctl.in" "$work/ctl.out"
+  ctl_qemu=(-chardev "pipe,id=ctl,path=$work/ctl" -serial chardev:ctl)
+}
+ctl_loop() {
+  local line
+  exec 3<"$work/ctl.out" 4>"$work/ctl.in"
+  while IFS= read -r line <&3; do
+    line=${line%$'\r'}
+    [ "$line" = DONE ] && break
+    "$1" "$line" >&4
+  done
+  exec 3<&- 4>&-
 }
 
 # marker LOG NAME: the value printed as "NAME: value" by the guest.

@@ -3,10 +3,6 @@
 # /dev/ttyS1 (a pipe chardev): prints FROZEN, waits for CUT.
 set -eu
 dev=/dev/vda
-ctl=/dev/ttyS1
-stty -F $ctl raw -echo
-say() { echo "$1" > $ctl; }
-await() { while read -r line < $ctl; do [ "${line%$(printf '\r')}" = "$1" ] && return 0; done; return 1; }
 
 mkfs.ext4 -q -F -E discard $dev
 mount $dev /mnt

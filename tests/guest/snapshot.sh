@@ -22,20 +22,17 @@ RUST_LOG=info "$vsnap" blk --socket-path "$sock" --base "$work/base.img" --state
 daemon=$!
 wait_for "$sock"
 [ "$(stat -c %a "$work/api.sock")" = 600 ] || fail "control socket is not 0600"
-mkfifo "$work/ctl.in" "$work/ctl.out"
+ctl_start
+on_guest() { # the guest froze its file system: cut, then let it thaw
+  [ "$1" = FROZEN ] || return 0
+  ctl cut --durable | tee "$work/cut1.txt" >&2
+  echo CUT
+}
 guest "$repo/tests/guest/snapshot-guest.sh" "$work/guest.log" 600 \
   -chardev "socket,id=c0,path=$sock" -device vhost-user-blk-pci,chardev=c0,num-queues=2 \
-  -chardev "pipe,id=ctl,path=$work/ctl" -serial chardev:ctl &
+  "${ctl_qemu[@]}" &
 qemu=$!
-exec 3<"$work/ctl.out" 4>"$work/ctl.in"
-while IFS= read -r line <&3; do
-  case "${line%$'\r'}" in
-    FROZEN)
-      ctl cut --durable | tee "$work/cut1.txt"
-      echo CUT >&4 ;;
-    DONE) break ;;
-  esac
-done
+ctl_loop on_guest
 wait "$qemu" || { cat "$work/guest.log"; fail "guest script failed"; }
 qemu=
 want=$(marker "$work/guest.log" GUEST-DEV-SHA256)

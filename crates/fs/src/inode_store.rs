@@ -152,10 +152,9 @@ impl InodeStore {
             .map_err(err)?;
         let c = CString::new(workdir.as_os_str().as_encoded_bytes())
             .map_err(|e| err(io::Error::other(e)))?;
-        let dir = openat(libc::AT_FDCWD, &c, libc::O_PATH | libc::O_DIRECTORY).map_err(err)?;
-        let readable =
-            openat(libc::AT_FDCWD, &c, libc::O_RDONLY | libc::O_DIRECTORY).map_err(err)?;
-        let stale = empty_dir(&readable).map_err(err)?;
+        // Readable (not O_PATH), so the same fd also lists the directory.
+        let dir = openat(libc::AT_FDCWD, &c, libc::O_RDONLY | libc::O_DIRECTORY).map_err(err)?;
+        let stale = empty_dir(&dir).map_err(err)?;
         if stale > 0 {
             tracing::warn!(workdir = %workdir.display(), links = stale, "removed links left by a previous run");
         }
