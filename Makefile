@@ -1,7 +1,7 @@
 # vsnap — see README.md.
 CARGO ?= cargo
 
-.PHONY: all build deps demo test unit guest lint fmt bench clean
+.PHONY: all build deps demo test unit guest lint fmt bench economy clean
 
 all: build
 
@@ -26,6 +26,7 @@ unit:
 guest:
 	tests/guest/blk.sh
 	tests/guest/snapshot.sh
+	bench/economy.sh --check zero-file/default fill-delete/fstrim
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -38,6 +39,10 @@ fmt:
 bench:
 	$(CARGO) bench -p vsnap-block --bench block
 	bench/blk.sh
+
+# Diff economy: every workload x ext4 knob in a real guest (docs/diff-economy.md), ~15 min.
+economy:
+	bench/economy.sh
 
 clean:
 	$(CARGO) clean

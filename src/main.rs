@@ -21,6 +21,8 @@ struct Cli {
 enum Cmd {
     /// Serve a disk to a VMM as a vhost-user-blk device.
     Blk(cmd::blk::BlkArgs),
+    /// Serve a host directory to a VMM as a vhost-user-fs device (virtiofsd's flags).
+    Fs(cmd::fs::FsArgs),
     /// Talk to a running daemon's control socket: info, stats, cut, export, fold.
     Ctl(cmd::ctl::CtlArgs),
     /// Inspect, apply, squash and convert snapshot diffs.
@@ -46,6 +48,7 @@ fn main() {
     let r = match cli.cmd {
         Cmd::Blk(a) => cmd::blk::run(a),
         Cmd::Ctl(a) => cmd::ctl::run(a),
+        Cmd::Fs(a) => cmd::fs::run(a),
         Cmd::Diff(c) => cmd::diff::run(c),
         Cmd::Image(c) => cmd::image::run(c),
         Cmd::Materialize(a) => cmd::diff::materialize(a),

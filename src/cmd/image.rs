@@ -18,6 +18,18 @@ pub enum ImageCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Count the blocks of IMAGE that differ from BASE, and the bytes of non-zero changed blocks:
+    /// the least data any diff from BASE to IMAGE must carry.
+    Compare {
+        /// The image IMAGE was derived from (omit for a blank disk).
+        #[arg(long)]
+        base: Option<PathBuf>,
+        image: PathBuf,
+        #[arg(long, default_value_t = 4096)]
+        block_size: u64,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
@@ -76,6 +88,25 @@ pub fn run(cmd: ImageCmd) -> anyhow::Result<()> {
             println!("capacity:  {} bytes", info.capacity);
             println!("allocated: {} bytes", info.allocated);
             println!("file size: {} bytes", info.file_size);
+            Ok(())
+        }
+        ImageCmd::Compare {
+            base,
+            image,
+            block_size,
+            json,
+        } => {
+            let job = Job::new();
+            let c = crate::progress::run("compare", &job, || {
+                image::compare(base.as_deref(), &image, block_size, &job)
+            })??;
+            if json {
+                return print_json(&c);
+            }
+            println!("blocks:          {} of {} bytes", c.blocks, c.block_size);
+            println!("changed:         {}", c.changed_blocks);
+            println!("changed to zero: {}", c.changed_to_zero_blocks);
+            println!("min data bytes:  {}", c.min_data_bytes);
             Ok(())
         }
     }

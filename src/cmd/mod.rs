@@ -1,6 +1,7 @@
 pub mod blk;
 pub mod ctl;
 pub mod diff;
+pub mod fs;
 pub mod image;
 
 /// Prints `value` as pretty JSON on stdout.

@@ -1,7 +1,6 @@
 //! The `VhostUserBackend` for virtio-blk: one worker thread per queue, each draining its queue
 //! straight into the block layer. Nothing here takes a lock shared by the queues on the data path.
 
-use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -19,6 +18,8 @@ use vmm_sys_util::event::{
 };
 use vsnap_block::Disk;
 
+use vsnap_vhost::{Device, Faults};
+
 use crate::config::{self, BlkConfig, Limits, WRITEBACK_OFFSET};
 use crate::request::{self, Chain, Ctx};
 
@@ -33,35 +34,6 @@ pub struct BlkOptions {
     pub queue_size: u16,
     pub serial: String,
     pub logical_block_size: u32,
-}
-
-/// Guest-caused faults, counted by kind and logged once each.
-#[derive(Default)]
-pub struct Faults {
-    seen: Mutex<HashMap<&'static str, u64>>,
-    pub total: AtomicU64,
-}
-
-impl Faults {
-    pub fn record(&self, what: &'static str) {
-        self.total.fetch_add(1, Ordering::Relaxed);
-        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
-        let n = seen.entry(what).or_insert(0);
-        *n += 1;
-        if *n == 1 {
-            tracing::warn!(
-                fault = what,
-                "bad request from the guest (further ones of this kind are counted, not logged)"
-            );
-        }
-    }
-
-    pub fn snapshot(&self) -> Vec<(String, u64)> {
-        let seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut v: Vec<_> = seen.iter().map(|(k, v)| (k.to_string(), *v)).collect();
-        v.sort();
-        v
-    }
 }
 
 pub struct BlkBackend {
@@ -117,14 +89,6 @@ impl BlkBackend {
             num_queues: self.opts.num_queues,
             writeback: self.writeback.load(Ordering::Relaxed),
         }
-    }
-
-    /// Forgets per-connection state before the next frontend connects.
-    pub fn reset(&self) {
-        *self.mem.write().unwrap_or_else(PoisonError::into_inner) = None;
-        self.event_idx.store(false, Ordering::Relaxed);
-        self.writeback.store(true, Ordering::Relaxed);
-        self.acked.store(0, Ordering::Relaxed);
     }
 
     fn process_queue(&self, vring: &VringRwLock, thread: usize) -> io::Result<()> {
@@ -195,6 +159,21 @@ impl BlkBackend {
 
 fn to_io(e: virtio_queue::Error) -> io::Error {
     io::Error::other(e.to_string())
+}
+
+impl Device for BlkBackend {
+    const NAME: &'static str = "vsnap-blk";
+
+    fn connected(&self) {
+        self.connected.store(true, Ordering::SeqCst);
+    }
+
+    fn disconnected(&self) {
+        *self.mem.write().unwrap_or_else(PoisonError::into_inner) = None;
+        self.event_idx.store(false, Ordering::Relaxed);
+        self.writeback.store(true, Ordering::Relaxed);
+        self.acked.store(0, Ordering::Relaxed);
+    }
 }
 
 impl VhostUserBackend for BlkBackend {

@@ -2,13 +2,11 @@
 //!
 //! - [`config`]: the config space and feature bits;
 //! - [`request`]: descriptor chains → requests → block-layer calls (pure, no sockets);
-//! - [`backend`]: the `VhostUserBackend` (one worker per queue);
-//! - [`server`]: the listening loop with reconnects and clean shutdown.
+//! - [`backend`]: the `VhostUserBackend` (one worker per queue), served by `vsnap_vhost::serve`.
 
 pub mod backend;
 pub mod config;
 pub mod request;
-pub mod server;
 
 pub use backend::{BlkBackend, BlkOptions};
-pub use server::{serve, ServeError, Stopper};
+pub use vsnap_vhost::{serve, ServeError, Stopper};

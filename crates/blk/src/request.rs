@@ -5,6 +5,8 @@
 
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 use vsnap_block::{BlockError, Disk};
+use vsnap_vhost::chain::Segments;
+pub use vsnap_vhost::chain::{gather, scatter, Seg};
 
 use crate::config::Limits;
 
@@ -25,13 +27,7 @@ pub const ID_LEN: usize = 20;
 /// Requests are moved between guest memory and the disk in pieces of at most this size.
 const CHUNK: usize = 1 << 20;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Seg {
-    pub addr: GuestAddress,
-    pub len: u32,
-}
-
-/// A descriptor chain split into what the device reads and what it writes.
+/// A virtio-blk descriptor chain: the shared split, with the status byte taken off the end.
 #[derive(Debug, Default)]
 pub struct Chain {
     pub readable: Vec<Seg>,
@@ -50,35 +46,28 @@ impl Chain {
         descs: impl IntoIterator<Item = (GuestAddress, u32, bool)>,
         mem: &M,
     ) -> Self {
-        let mut c = Chain::default();
-        for (addr, len, writable) in descs {
-            if len == 0 {
-                continue;
-            }
-            if !mem.check_range(addr, len as usize) {
-                c.defect.get_or_insert("descriptor outside guest memory");
-            }
-            if writable {
-                c.writable.push(Seg { addr, len });
-            } else {
-                if !c.writable.is_empty() {
-                    c.defect
-                        .get_or_insert("device-readable descriptor after a writable one");
-                }
-                c.readable.push(Seg { addr, len });
-            }
-        }
-        if let Some(last) = c.writable.last_mut() {
+        let Segments {
+            readable,
+            mut writable,
+            defect,
+        } = Segments::split(descs, mem);
+        let mut status = None;
+        if let Some(last) = writable.last_mut() {
             let at = last.addr.checked_add(u64::from(last.len) - 1);
             if let Some(at) = at.filter(|&a| mem.check_range(a, 1)) {
-                c.status = Some(at);
+                status = Some(at);
                 last.len -= 1;
                 if last.len == 0 {
-                    c.writable.pop();
+                    writable.pop();
                 }
             }
         }
-        c
+        Chain {
+            readable,
+            writable,
+            status,
+            defect,
+        }
     }
 
     pub fn readable_len(&self) -> u64 {
@@ -88,49 +77,6 @@ impl Chain {
     pub fn writable_len(&self) -> u64 {
         self.writable.iter().map(|s| u64::from(s.len)).sum()
     }
-}
-
-/// Copies bytes `[skip, skip + buf.len())` of the segments' concatenation into `buf`.
-pub fn gather<M: GuestMemoryBackend>(mem: &M, segs: &[Seg], skip: u64, buf: &mut [u8]) -> bool {
-    walk(segs, skip, buf.len(), |addr, r| {
-        mem.read_slice(&mut buf[r], addr).is_ok()
-    })
-}
-
-/// Copies `buf` into bytes `[skip, skip + buf.len())` of the segments' concatenation.
-pub fn scatter<M: GuestMemoryBackend>(mem: &M, segs: &[Seg], skip: u64, buf: &[u8]) -> bool {
-    walk(segs, skip, buf.len(), |addr, r| {
-        mem.write_slice(&buf[r], addr).is_ok()
-    })
-}
-
-fn walk(
-    segs: &[Seg],
-    mut skip: u64,
-    len: usize,
-    mut f: impl FnMut(GuestAddress, std::ops::Range<usize>) -> bool,
-) -> bool {
-    let mut done = 0usize;
-    for s in segs {
-        if done == len {
-            break;
-        }
-        let sl = u64::from(s.len);
-        if skip >= sl {
-            skip -= sl;
-            continue;
-        }
-        let n = ((sl - skip) as usize).min(len - done);
-        let Some(addr) = s.addr.checked_add(skip) else {
-            return false;
-        };
-        if !f(addr, done..done + n) {
-            return false;
-        }
-        done += n;
-        skip = 0;
-    }
-    done == len
 }
 
 /// What the device knows when executing a request.

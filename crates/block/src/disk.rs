@@ -87,6 +87,9 @@ pub struct LayerInfo {
     pub active: bool,
     pub dirty_blocks: u64,
     pub zero_blocks: u64,
+    /// Zero blocks that only exact sub-block zero detection made zero (see `Layer`); a tracker
+    /// of whole-block zeroing alone would have stored these as data.
+    pub sub_block_zero_blocks: u64,
     pub allocated_bytes: u64,
     pub export: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -525,7 +528,10 @@ impl Disk {
         };
         let mut block = vec![0u8; (be - bs_) as usize];
         match active.state(b) {
-            BlockState::Zero if patch_zero => return Ok(()),
+            BlockState::Zero if patch_zero => {
+                active.mark_sub_block_zero(b);
+                return Ok(());
+            }
             BlockState::Zero => {
                 fill(&mut block);
                 active.write_stored(bs_, &block)?;
@@ -543,7 +549,9 @@ impl Disk {
         }
         fill(&mut block);
         if is_zero(&block) {
-            self.zero_blocks(active, b, b + 1, bs_, be)
+            self.zero_blocks(active, b, b + 1, bs_, be)?;
+            active.mark_sub_block_zero(b);
+            Ok(())
         } else {
             active.write_stored(bs_, &block)?;
             active.set_range(b, b + 1, BlockState::Dirty);
@@ -848,6 +856,7 @@ impl Disk {
                     active: i == 0,
                     dirty_blocks: t.dirty_count(),
                     zero_blocks: t.zero_count(),
+                    sub_block_zero_blocks: e.layer.sub_block_zero_count(&t),
                     allocated_bytes: e.layer.allocated_bytes(),
                     export: export.into(),
                     export_path: path,

@@ -6,7 +6,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError, RwLock, RwLockReadGuard};
 
 use crate::error::{BlockError, IoContext, Result};
@@ -25,6 +25,11 @@ pub struct Layer {
     /// Bumped on every tracker change; compared with `persisted` to skip idle flushes.
     changes: AtomicU64,
     persisted: Mutex<u64>,
+    /// Zero blocks that only vsnap's read-modify-write of a partial request made zero: a scheme
+    /// tracking zeros for whole blocks alone would have stored them as data. Accounting for the
+    /// diff-economy figures; in memory, since this layer was opened.
+    sub_block_zero: Mutex<RoaringBitmap>,
+    has_sub_block_zero: AtomicBool,
 }
 
 impl Layer {
@@ -94,6 +99,8 @@ impl Layer {
             tracker: RwLock::new(tracker),
             changes: AtomicU64::new(0),
             persisted: Mutex::new(0),
+            sub_block_zero: Mutex::new(RoaringBitmap::new()),
+            has_sub_block_zero: AtomicBool::new(false),
         }
     }
 
@@ -111,6 +118,32 @@ impl Layer {
         let mut t = self.tracker.write().unwrap_or_else(PoisonError::into_inner);
         t.set_range(Geometry::idx(start), Geometry::idx(end), state);
         self.changes.fetch_add(1, Ordering::Release);
+        if self.has_sub_block_zero.load(Ordering::Relaxed) {
+            self.sub_block_zero
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove_range(Geometry::idx(start)..Geometry::idx(end));
+        }
+    }
+
+    /// Records that a partial (sub-block) request left `block` zero; a later whole-block
+    /// `set_range` over it clears the record.
+    pub fn mark_sub_block_zero(&self, block: u64) {
+        self.sub_block_zero
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(Geometry::idx(block));
+        self.has_sub_block_zero.store(true, Ordering::Relaxed);
+    }
+
+    /// Zero blocks a whole-block-only zero tracker would have stored as data.
+    /// `t` is this layer's tracker, as the caller already holds it.
+    pub fn sub_block_zero_count(&self, t: &Tracker) -> u64 {
+        let m = self
+            .sub_block_zero
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        m.intersection_len(t.zero())
     }
 
     /// Replaces the whole tracker (used by fold and recovery).

@@ -463,3 +463,25 @@ fn cancelled_export_leaves_nothing_and_can_be_retried() {
     d.export(c.generation, &p, None).unwrap();
     assert_eq!(d.info().layers[1].export, "done");
 }
+
+#[test]
+fn zeros_made_by_partial_requests_are_counted_until_a_whole_block_write() {
+    let f = Fixture::new(SIZE);
+    let d = f.disk();
+    let bs = BS as u64;
+    let sub = |d: &Disk| d.info().layers[0].sub_block_zero_blocks;
+    // Block 0 zeroed in two halves: zero, but only because of read-modify-write.
+    d.write_zeroes(0, bs / 2).unwrap();
+    d.write(bs / 2, &vec![0u8; BS as usize / 2]).unwrap();
+    // Block 1 zeroed whole: a whole-block tracker gets that one too.
+    d.write_zeroes(bs, bs).unwrap();
+    // Block 2: a partial zero write into a block that is already zero.
+    d.discard(2 * bs, bs).unwrap();
+    d.write_zeroes(2 * bs + 512, 512).unwrap();
+    assert_eq!(state_of(&d, true), (0, 3));
+    assert_eq!(sub(&d), 2, "blocks 0 and 2");
+    // A whole-block write over block 0 ends its sub-block record; a dirty block is not counted.
+    d.write(0, &vec![0u8; BS as usize]).unwrap();
+    d.write(2 * bs, &vec![7u8; 512]).unwrap();
+    assert_eq!(sub(&d), 0);
+}

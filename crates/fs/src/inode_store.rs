@@ -10,17 +10,21 @@
 //! inodes on another file system than the workdir (a mount below the share) and inodes the kernel
 //! refuses to link (`protected_hardlinks` for an unprivileged daemon) are held by fd as well.
 //!
-//! The link adds one to `st_nlink`: [`InodeStore::stat`] reports the count the guest would see
-//! without it. The workdir is emptied when the store opens (leftovers of a crash) and when it is
-//! dropped.
+//! The link adds one to `st_nlink` and moves `st_ctime`: [`InodeStore::stat`] reports what the
+//! guest would see without it (the ctime from before our link, for as long as nothing else has
+//! changed the inode). The workdir is emptied when the store opens (leftovers of a crash) and when
+//! it is dropped. [`StoreMode::Fd`] keeps virtiofsd's classic behaviour (one `O_PATH` fd per
+//! inode) for comparison.
 
 use std::collections::HashMap;
 use std::ffi::{CStr, CString};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+use crate::sys::{cvt, fstatat, openat, via_proc};
 
 /// FUSE's root node id.
 pub const ROOT_ID: u64 = 1;
@@ -38,6 +42,15 @@ pub enum StoreError {
 /// (st_dev, st_ino): what identifies an inode on the host.
 pub type InodeKey = (u64, u64);
 
+/// How the store holds inodes the guest knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreMode {
+    /// Non-directories by a hard link in the workdir (the default).
+    Workdir,
+    /// Every inode by an `O_PATH` fd (virtiofsd's way).
+    Fd,
+}
+
 /// How an inode is held open.
 #[derive(Debug)]
 pub enum Handle {
@@ -52,13 +65,49 @@ pub struct Inode {
     pub id: u64,
     pub key: InodeKey,
     pub is_dir: bool,
+    /// The file type bits (`S_IFMT`) of `st_mode`; an inode never changes type.
+    pub kind: libc::mode_t,
     pub handle: Handle,
     lookups: AtomicU64,
+    /// For linked inodes: the ctime before and just after our `linkat`.
+    ctimes: Option<(Ctime, Ctime)>,
+}
+
+type Ctime = (i64, i64);
+
+fn ctime(st: &libc::stat) -> Ctime {
+    (st.st_ctime, st.st_ctime_nsec)
+}
+
+/// An `O_PATH` fd for an inode: the store's own (directories, fd-held inodes) or one opened
+/// through the inode's workdir link.
+pub enum PathFd<'a> {
+    Borrowed(BorrowedFd<'a>),
+    Owned(OwnedFd),
+}
+
+impl AsRawFd for PathFd<'_> {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            PathFd::Borrowed(fd) => fd.as_raw_fd(),
+            PathFd::Owned(fd) => fd.as_raw_fd(),
+        }
+    }
 }
 
 impl Inode {
     pub fn lookups(&self) -> u64 {
         self.lookups.load(Ordering::Acquire)
+    }
+
+    /// Takes our workdir link out of `st` (taken through the link or an fd of this inode).
+    fn hide_link(&self, st: &mut libc::stat) {
+        if let Some((before, after)) = self.ctimes {
+            st.st_nlink = st.st_nlink.saturating_sub(1);
+            if ctime(st) == after {
+                (st.st_ctime, st.st_ctime_nsec) = before;
+            }
+        }
     }
 }
 
@@ -71,34 +120,32 @@ pub struct StoreCounts {
 }
 
 pub struct InodeStore {
+    mode: StoreMode,
     workdir: OwnedFd,
-    workdir_dev: u64,
+    workdir_key: InodeKey,
+    /// Links only work within one mount: inodes of other mounts are held by fd.
+    workdir_mnt: Option<u64>,
     inodes: RwLock<HashMap<u64, Arc<Inode>>>,
     by_key: Mutex<HashMap<InodeKey, u64>>,
     next_id: AtomicU64,
 }
 
-fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
-}
-
-fn fstatat(dirfd: RawFd, name: &CStr, flags: libc::c_int) -> io::Result<libc::stat> {
-    let mut st = std::mem::MaybeUninit::<libc::stat>::zeroed();
-    // SAFETY: valid C string and out pointer.
-    cvt(unsafe { libc::fstatat(dirfd, name.as_ptr(), st.as_mut_ptr(), flags) })?;
-    // SAFETY: fstatat succeeded, so the struct is initialised.
-    Ok(unsafe { st.assume_init() })
-}
-
-fn openat(dirfd: RawFd, name: &CStr, flags: libc::c_int) -> io::Result<OwnedFd> {
-    // SAFETY: valid C string; the returned fd is owned by the caller.
-    let fd = cvt(unsafe { libc::openat(dirfd, name.as_ptr(), flags | libc::O_CLOEXEC) })?;
-    // SAFETY: fd was just returned by openat.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+/// The mount id of `fd` (statx, Linux 5.8+); `None` where the kernel cannot tell.
+fn mnt_id(fd: RawFd) -> Option<u64> {
+    let mut stx = std::mem::MaybeUninit::<libc::statx>::zeroed();
+    // SAFETY: valid fd, empty C string and out pointer.
+    let r = unsafe {
+        libc::statx(
+            fd,
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+            libc::STATX_MNT_ID,
+            stx.as_mut_ptr(),
+        )
+    };
+    // SAFETY: statx succeeded, so the struct is initialised.
+    let stx = unsafe { stx.assume_init() };
+    (r == 0 && stx.stx_mask & libc::STATX_MNT_ID != 0).then_some(stx.stx_mnt_id)
 }
 
 /// Removes every entry of the workdir (it only ever holds our links).
@@ -139,10 +186,15 @@ impl InodeStore {
     /// Opens (creating, mode 0700) the workdir at `workdir` and empties it. The root of the share
     /// becomes node [`ROOT_ID`], held by fd.
     pub fn new(workdir: &Path, root: OwnedFd) -> Result<Self, StoreError> {
+        Self::with_mode(workdir, root, StoreMode::Workdir)
+    }
+
+    pub fn with_mode(workdir: &Path, root: OwnedFd, mode: StoreMode) -> Result<Self, StoreError> {
         let err = |source| StoreError::Workdir {
             path: workdir.display().to_string(),
             source,
         };
+        crate::sys::init_proc()?;
         match std::fs::create_dir(workdir) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
@@ -161,8 +213,10 @@ impl InodeStore {
         let st = fstatat(dir.as_raw_fd(), c"", libc::AT_EMPTY_PATH).map_err(err)?;
         let root_st = fstatat(root.as_raw_fd(), c"", libc::AT_EMPTY_PATH)?;
         let store = Self {
+            mode,
+            workdir_mnt: mnt_id(dir.as_raw_fd()),
             workdir: dir,
-            workdir_dev: st.st_dev,
+            workdir_key: (st.st_dev, st.st_ino),
             inodes: RwLock::new(HashMap::new()),
             by_key: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(ROOT_ID + 1),
@@ -171,8 +225,10 @@ impl InodeStore {
             id: ROOT_ID,
             key: (root_st.st_dev, root_st.st_ino),
             is_dir: true,
+            kind: libc::S_IFDIR,
             handle: Handle::Fd(root),
             lookups: AtomicU64::new(1),
+            ctimes: None,
         });
         store
             .by_key
@@ -196,8 +252,13 @@ impl InodeStore {
             .ok_or(StoreError::UnknownNode(id))
     }
 
+    /// The workdir's (st_dev, st_ino): the file system layer hides it from the guest.
+    pub fn workdir_key(&self) -> InodeKey {
+        self.workdir_key
+    }
+
     /// Looks `name` up in directory `parent` (which must not contain `/`; the caller checks) and
-    /// counts one guest reference to the result.
+    /// counts one guest reference to the result. Returns the attributes the guest should see.
     pub fn lookup(
         &self,
         parent: &Inode,
@@ -205,40 +266,56 @@ impl InodeStore {
     ) -> Result<(Arc<Inode>, libc::stat), StoreError> {
         let pfd = self.path_fd(parent)?;
         let fd = openat(pfd.as_raw_fd(), name, libc::O_PATH | libc::O_NOFOLLOW)?;
-        let st = fstatat(
-            fd.as_raw_fd(),
-            c"",
-            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
-        )?;
+        self.adopt(fd)
+    }
+
+    /// Counts one guest reference to the inode `fd` (an `O_PATH` fd) refers to, taking it into
+    /// the table if it is new.
+    pub fn adopt(&self, fd: OwnedFd) -> Result<(Arc<Inode>, libc::stat), StoreError> {
+        let mut st = fstatat(fd.as_raw_fd(), c"", libc::AT_EMPTY_PATH)?;
         let key = (st.st_dev, st.st_ino);
+        if key == self.workdir_key {
+            return Err(io::Error::from_raw_os_error(libc::ENOENT).into());
+        }
         let mut by_key = self.by_key.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(&id) = by_key.get(&key) {
             let inode = self.get(id)?;
             inode.lookups.fetch_add(1, Ordering::AcqRel);
             drop(by_key);
-            let st = self.stat(&inode)?;
+            inode.hide_link(&mut st);
             return Ok((inode, st));
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
-        let handle = if is_dir || st.st_dev != self.workdir_dev {
-            Handle::Fd(fd)
-        } else {
+        let linkable = self.mode == StoreMode::Workdir
+            && !is_dir
+            && st.st_dev == self.workdir_key.0
+            && (self.workdir_mnt.is_none() || mnt_id(fd.as_raw_fd()) == self.workdir_mnt);
+        let (handle, ctimes) = if linkable {
             match self.link(&fd, st.st_ino, id) {
-                Ok(name) => Handle::Link(name),
+                Ok(name) => {
+                    let after = fstatat(fd.as_raw_fd(), c"", libc::AT_EMPTY_PATH)
+                        .map(|a| ctime(&a))
+                        .unwrap_or_default();
+                    (Handle::Link(name), Some((ctime(&st), after)))
+                }
                 Err(e) => {
-                    // EXDEV (a bind mount of the same device), EPERM (protected_hardlinks), …
+                    // EPERM (protected_hardlinks for an unprivileged daemon), …
                     tracing::debug!(error = %e, "holding inode by fd");
-                    Handle::Fd(fd)
+                    (Handle::Fd(fd), None)
                 }
             }
+        } else {
+            (Handle::Fd(fd), None)
         };
         let inode = Arc::new(Inode {
             id,
             key,
             is_dir,
+            kind: st.st_mode & libc::S_IFMT,
             handle,
             lookups: AtomicU64::new(1),
+            ctimes,
         });
         by_key.insert(key, id);
         self.inodes
@@ -246,18 +323,18 @@ impl InodeStore {
             .unwrap_or_else(PoisonError::into_inner)
             .insert(id, inode.clone());
         drop(by_key);
-        let st = self.stat(&inode)?;
+        // `st` is from before the link: already what the guest should see.
         Ok((inode, st))
     }
 
     fn link(&self, fd: &OwnedFd, ino: u64, id: u64) -> io::Result<CString> {
         let name = CString::new(format!("{ino:x}.{id:x}")).expect("no NUL in hex");
-        let proc = CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("no NUL");
-        // SAFETY: valid C strings and dirfd.
+        let (proc, fdname) = via_proc(fd.as_raw_fd());
+        // SAFETY: valid C strings and dirfds.
         cvt(unsafe {
             libc::linkat(
-                libc::AT_FDCWD,
-                proc.as_ptr(),
+                proc,
+                fdname.as_ptr(),
                 self.workdir.as_raw_fd(),
                 name.as_ptr(),
                 libc::AT_SYMLINK_FOLLOW,
@@ -266,16 +343,46 @@ impl InodeStore {
         Ok(name)
     }
 
-    /// An `O_PATH` fd for the inode (opened through its link, or duplicated).
-    pub fn path_fd(&self, inode: &Inode) -> io::Result<OwnedFd> {
+    /// An `O_PATH` fd for the inode: its own, or one opened through its link.
+    pub fn path_fd<'a>(&self, inode: &'a Inode) -> io::Result<PathFd<'a>> {
         match &inode.handle {
-            Handle::Fd(fd) => fd.try_clone(),
+            Handle::Fd(fd) => Ok(PathFd::Borrowed(fd.as_fd())),
             Handle::Link(name) => openat(
                 self.workdir.as_raw_fd(),
                 name,
                 libc::O_PATH | libc::O_NOFOLLOW,
-            ),
+            )
+            .map(PathFd::Owned),
         }
+    }
+
+    /// Where path-based calls reach the inode: (dirfd, name) for `*at` calls that take
+    /// `AT_SYMLINK_NOFOLLOW`. Fd-held inodes are reached through `/proc/self/fd`.
+    pub fn at_path(&self, inode: &Inode) -> (RawFd, CString) {
+        match &inode.handle {
+            Handle::Link(name) => (self.workdir.as_raw_fd(), name.clone()),
+            Handle::Fd(fd) => via_proc(fd.as_raw_fd()),
+        }
+    }
+
+    /// The target of a symlink inode.
+    pub fn readlink(&self, inode: &Inode) -> io::Result<Vec<u8>> {
+        let fd = self.path_fd(inode)?;
+        let mut buf = vec![0u8; libc::PATH_MAX as usize];
+        // SAFETY: valid fd, C string and buffer of the given length.
+        let n = unsafe {
+            libc::readlinkat(
+                fd.as_raw_fd(),
+                c"".as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        buf.truncate(n as usize);
+        Ok(buf)
     }
 
     /// Opens the inode for I/O with `flags` (not for symlinks, which cannot be opened).
@@ -284,8 +391,8 @@ impl InodeStore {
         match &inode.handle {
             Handle::Link(name) => openat(self.workdir.as_raw_fd(), name, flags),
             Handle::Fd(fd) => {
-                let p = CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("no NUL");
-                openat(libc::AT_FDCWD, &p, flags & !libc::O_NOFOLLOW)
+                let (proc, name) = via_proc(fd.as_raw_fd());
+                openat(proc, &name, flags & !libc::O_NOFOLLOW)
             }
         }
     }
@@ -300,9 +407,24 @@ impl InodeStore {
             ),
             Handle::Link(name) => {
                 let mut st = fstatat(self.workdir.as_raw_fd(), name, libc::AT_SYMLINK_NOFOLLOW)?;
-                st.st_nlink = st.st_nlink.saturating_sub(1);
+                inode.hide_link(&mut st);
                 Ok(st)
             }
+        }
+    }
+
+    /// Forgets every inode but the root (the guest unmounted, rebooted or re-initialised).
+    pub fn clear(&self) {
+        let ids: Vec<u64> = self
+            .inodes
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+            .copied()
+            .filter(|&id| id != ROOT_ID)
+            .collect();
+        for id in ids {
+            self.forget(id, u64::MAX);
         }
     }
 

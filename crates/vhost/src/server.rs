@@ -1,7 +1,8 @@
 //! Serving the socket: listen, serve one frontend at a time, keep listening after it leaves (so a
 //! VMM can reconnect and the guest keeps its disk), and stop cleanly on request.
 
-use std::os::unix::net::UnixStream;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -10,7 +11,17 @@ use vhost::vhost_user::{Error as VuError, Listener};
 use vhost_user_backend::{Error as DaemonError, ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-use crate::backend::BlkBackend;
+use vhost_user_backend::{VhostUserBackend, VringRwLock};
+
+/// A device [`serve`] can run: a vhost-user backend told when a frontend comes and goes.
+pub trait Device: VhostUserBackend<Vring = VringRwLock, Bitmap = ()> + 'static {
+    /// The daemon's name in the vhost-user framework and in logs.
+    const NAME: &'static str;
+    /// A frontend connected.
+    fn connected(&self);
+    /// The frontend left: forget per-connection state before the next one connects.
+    fn disconnected(&self);
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -28,7 +39,8 @@ pub struct Stopper(Arc<StopState>);
 struct StopState {
     requested: AtomicBool,
     connection: Mutex<Option<ShutdownHandle>>,
-    socket: Mutex<Option<PathBuf>>,
+    /// The listening socket, shut down to wake an `accept()` (works inside a chroot too).
+    listener: Mutex<Option<RawFd>>,
 }
 
 impl Stopper {
@@ -47,10 +59,17 @@ impl Stopper {
         self.0.requested.store(true, Ordering::SeqCst);
         match &*conn {
             Some(h) => h.shutdown(),
-            // Waiting in accept(): a connection of our own wakes it up.
+            // Waiting in accept(): shutting the listener down makes accept() fail at once.
             None => {
-                if let Some(p) = &*self.0.socket.lock().unwrap_or_else(PoisonError::into_inner) {
-                    let _ = UnixStream::connect(p);
+                if let Some(fd) = *self
+                    .0
+                    .listener
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                {
+                    // SAFETY: the fd stays open until serve_listener() returns, which needs
+                    // this wake-up first.
+                    unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
                 }
             }
         }
@@ -63,22 +82,48 @@ impl Stopper {
 
 /// Serves `backend` on `socket` until `stopper` is triggered. Each frontend gets a fresh daemon
 /// (the framework keeps per-connection state in it); the listener is kept across connections.
-pub fn serve(backend: Arc<BlkBackend>, socket: &Path, stopper: &Stopper) -> Result<(), ServeError> {
-    let mut listener = Listener::new(socket, true).map_err(|source| ServeError::Listen {
+pub fn serve<D: Device>(
+    backend: Arc<D>,
+    socket: &Path,
+    stopper: &Stopper,
+) -> Result<(), ServeError> {
+    let _ = std::fs::remove_file(socket);
+    let listener = UnixListener::bind(socket).map_err(|e| ServeError::Listen {
         path: socket.to_owned(),
-        source,
+        source: VuError::SocketError(e),
     })?;
+    let r = serve_listener(backend, listener, stopper);
+    let _ = std::fs::remove_file(socket);
+    r
+}
+
+/// [`serve`] on a socket that is already listening (one a supervisor passed, like `--fd`).
+pub fn serve_listener<D: Device>(
+    backend: Arc<D>,
+    listener: UnixListener,
+    stopper: &Stopper,
+) -> Result<(), ServeError> {
+    let socket = listener
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_pathname().map(Path::to_owned));
     *stopper
         .0
-        .socket
+        .listener
         .lock()
-        .unwrap_or_else(PoisonError::into_inner) = Some(socket.to_owned());
-    tracing::info!(socket = %socket.display(), queues = backend.options().num_queues, "listening");
+        .unwrap_or_else(PoisonError::into_inner) = Some(listener.as_raw_fd());
+    let mut listener = Listener::from(listener);
+    tracing::info!(device = D::NAME, socket = ?socket, queues = backend.num_queues(), "listening");
     while !stopper.is_stopped() {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let mut daemon = VhostUserDaemon::new("vsnap-blk".into(), backend.clone(), mem)
+        let mut daemon = VhostUserDaemon::new(D::NAME.into(), backend.clone(), mem)
             .map_err(ServeError::Daemon)?;
-        daemon.start(&mut listener).map_err(ServeError::Daemon)?;
+        if let Err(e) = daemon.start(&mut listener) {
+            if stopper.is_stopped() {
+                break;
+            }
+            return Err(ServeError::Daemon(e));
+        }
         {
             let mut conn = stopper
                 .0
@@ -89,7 +134,7 @@ pub fn serve(backend: Arc<BlkBackend>, socket: &Path, stopper: &Stopper) -> Resu
                 daemon.request_shutdown();
             } else {
                 *conn = daemon.shutdown_handle();
-                backend.connected.store(true, Ordering::SeqCst);
+                backend.connected();
                 tracing::info!("frontend connected");
             }
         }
@@ -115,8 +160,13 @@ pub fn serve(backend: Arc<BlkBackend>, socket: &Path, stopper: &Stopper) -> Resu
             }
         }
         drop(daemon);
-        backend.reset();
+        backend.disconnected();
     }
+    *stopper
+        .0
+        .listener
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner) = None;
     tracing::info!("stopped serving");
     Ok(())
 }

@@ -1,0 +1,21 @@
+#!/usr/bin/env python3
+"""Formats bench/economy.sh's TSV (stdin) as the Markdown table of docs/diff-economy.md."""
+import csv
+import sys
+
+rows = list(csv.DictReader(sys.stdin, delimiter="\t"))
+mib = lambda b: f"{int(b) / (1 << 20):.2f}"
+
+
+def ratio(a, b):
+    a, b = int(a), int(b)
+    return "n/a" if b == 0 else f"{a / b:.2f}"
+
+
+print("| workload / knob | vsnap diff data MiB | minimum MiB | vsnap ÷ min | dirty blk | zero blk "
+      "| plain dirty bitmap MiB | vsnap ÷ plain | whole-block zeros MiB | vsnap ÷ whole-block |")
+print("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+for r in rows:
+    print(f"| {r['row']} | {mib(r['diff_data'])} | {mib(r['min_data'])} | {ratio(r['diff_data'], r['min_data'])} "
+          f"| {r['dirty']} | {r['zero']} | {mib(r['plain_dirty'])} | {ratio(r['diff_data'], r['plain_dirty'])} "
+          f"| {mib(r['aligned_zero'])} | {ratio(r['diff_data'], r['aligned_zero'])} |")

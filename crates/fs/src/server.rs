@@ -1,0 +1,281 @@
+//! FUSE dispatch: one request in, at most one reply out. INIT negotiates the session; every
+//! other opcode goes to the passthrough file system. Guest input never ends the daemon: a
+//! malformed message gets EINVAL, an unknown opcode ENOSYS, an unknown node ENOENT, an unknown
+//! file handle EBADF.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use zerocopy::IntoBytes;
+
+use crate::abi::{self, init, opcode, InHeader, InitIn, InitOut, OutHeader};
+use crate::passthrough::{CacheMode, Caller, Passthrough, Res};
+use crate::request::{decode, DecodeError, Op};
+
+/// Largest WRITE payload (and READ size) the guest may send: 1 MiB, as virtiofsd.
+pub const MAX_WRITE: u32 = 1 << 20;
+/// Largest request the device accepts: a maximal WRITE plus its headers.
+pub const MAX_REQUEST: usize = MAX_WRITE as usize + 4096;
+
+/// What handling one message produced.
+#[derive(Debug, Default)]
+pub struct Handled {
+    /// The reply (header included); `None` for FORGET, BATCH_FORGET, INTERRUPT and messages
+    /// too short to carry a `unique`.
+    pub reply: Option<Vec<u8>>,
+    /// Set when the message was malformed or unknown: a label for the once-per-kind log.
+    pub fault: Option<&'static str>,
+}
+
+pub struct Server {
+    fs: Passthrough,
+    /// Negotiated minor version; 0 until INIT.
+    minor: AtomicU32,
+}
+
+fn reply(unique: u64, r: Res<Vec<u8>>) -> Vec<u8> {
+    let (error, body) = match r {
+        Ok(b) => (0, b),
+        Err(e) => (-e, Vec::new()),
+    };
+    let h = OutHeader {
+        len: (size_of::<OutHeader>() + body.len()) as u32,
+        error,
+        unique,
+    };
+    let mut out = Vec::with_capacity(h.len as usize);
+    out.extend_from_slice(h.as_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+fn bytes<T: IntoBytes + zerocopy::Immutable>(r: Res<T>) -> Res<Vec<u8>> {
+    r.map(|v| v.as_bytes().to_vec())
+}
+
+fn empty(r: Res<()>) -> Res<Vec<u8>> {
+    r.map(|()| Vec::new())
+}
+
+impl Server {
+    pub fn new(fs: Passthrough) -> Self {
+        Server {
+            fs,
+            minor: AtomicU32::new(0),
+        }
+    }
+
+    pub fn fs(&self) -> &Passthrough {
+        &self.fs
+    }
+
+    /// The frontend went away: the next guest starts from INIT with no inodes.
+    pub fn reset(&self) {
+        self.minor.store(0, Ordering::SeqCst);
+        self.fs.reset();
+    }
+
+    pub fn handle(&self, msg: &[u8]) -> Handled {
+        let req = match decode(msg) {
+            Ok(r) => r,
+            Err(e @ DecodeError::NoHeader(_)) => {
+                return Handled {
+                    reply: None,
+                    fault: Some(fault_label(&e)),
+                }
+            }
+            Err(e) => {
+                let unique = InHeader::read_unique(msg);
+                return Handled {
+                    reply: Some(reply(unique, Err(e.errno()))),
+                    fault: Some(fault_label(&e)),
+                };
+            }
+        };
+        let h = req.header;
+        let mut fault = None;
+        if crate::request::no_reply(&req.op) {
+            match &req.op {
+                Op::Forget(n) => self.fs.forget(h.nodeid, *n),
+                Op::BatchForget(items) => self.fs.batch_forget(items),
+                // Requests complete quickly and are not interruptible.
+                _ => {}
+            }
+            return Handled { reply: None, fault };
+        }
+        let r = match (&req.op, self.minor.load(Ordering::SeqCst)) {
+            (Op::Init(i), _) => self.init(i),
+            (_, 0) => Err(libc::EIO),
+            (op, _) => self.dispatch(&h, op, &mut fault),
+        };
+        Handled {
+            reply: Some(reply(h.unique, r)),
+            fault,
+        }
+    }
+
+    fn init(&self, i: &InitIn) -> Res<Vec<u8>> {
+        if i.major != abi::KERNEL_VERSION || i.minor < abi::MIN_MINOR_VERSION {
+            tracing::warn!(major = i.major, minor = i.minor, "unsupported FUSE version");
+            return Err(libc::EPROTO);
+        }
+        if self.minor.load(Ordering::SeqCst) != 0 {
+            // A new session (the guest remounted): nothing of the old one stays.
+            self.fs.reset();
+        }
+        let cfg = self.fs.config();
+        let mut offer = init::ASYNC_READ
+            | init::ATOMIC_O_TRUNC
+            | init::BIG_WRITES
+            | init::AUTO_INVAL_DATA
+            | init::ASYNC_DIO
+            | init::PARALLEL_DIROPS
+            | init::MAX_PAGES
+            | init::INIT_EXT;
+        if cfg.cache != CacheMode::Never {
+            offer |= init::CACHE_SYMLINKS;
+            if cfg.readdirplus {
+                offer |= init::DO_READDIRPLUS | init::READDIRPLUS_AUTO;
+            }
+            if cfg.writeback {
+                offer |= init::WRITEBACK_CACHE;
+            }
+        }
+        let mut guest = u64::from(i.flags);
+        if guest & init::INIT_EXT != 0 {
+            guest |= u64::from(i.flags2) << 32;
+        }
+        let flags = offer & guest;
+        let minor = i.minor.min(abi::KERNEL_MINOR_VERSION);
+        self.minor.store(minor, Ordering::SeqCst);
+        tracing::info!(
+            minor,
+            flags = format_args!("{flags:#x}"),
+            "FUSE session started"
+        );
+        let out = InitOut {
+            major: abi::KERNEL_VERSION,
+            minor: abi::KERNEL_MINOR_VERSION,
+            max_readahead: i.max_readahead,
+            flags: flags as u32,
+            max_background: 256,
+            congestion_threshold: 192,
+            max_write: MAX_WRITE,
+            time_gran: 1,
+            max_pages: (MAX_WRITE / 4096) as u16,
+            map_alignment: 0,
+            flags2: (flags >> 32) as u32,
+            unused: [0; 7],
+        };
+        Ok(out.as_bytes().to_vec())
+    }
+
+    fn dispatch(
+        &self,
+        h: &InHeader,
+        op: &Op<'_>,
+        fault: &mut Option<&'static str>,
+    ) -> Res<Vec<u8>> {
+        let fs = &self.fs;
+        let c = Caller {
+            uid: h.uid,
+            gid: h.gid,
+        };
+        let n = h.nodeid;
+        match op {
+            Op::Init(_) | Op::Forget(_) | Op::BatchForget(_) | Op::Interrupt(_) => {
+                unreachable!("handled before dispatch")
+            }
+            Op::Destroy => {
+                self.reset();
+                Ok(Vec::new())
+            }
+            Op::Lookup(name) => bytes(fs.lookup(n, name)),
+            Op::Getattr(_) => bytes(fs.getattr(n)),
+            Op::Setattr(a) => bytes(fs.setattr(n, a)),
+            Op::Readlink => fs.readlink(n),
+            Op::Symlink { name, target } => bytes(fs.symlink(c, n, name, target)),
+            Op::Mknod { arg, name } => bytes(fs.mknod(c, n, arg, name)),
+            Op::Mkdir { arg, name } => bytes(fs.mkdir(c, n, arg, name)),
+            Op::Unlink(name) => empty(fs.unlink(n, name)),
+            Op::Rmdir(name) => empty(fs.rmdir(n, name)),
+            Op::Rename {
+                newdir,
+                flags,
+                old,
+                new,
+            } => empty(fs.rename(n, old, *newdir, new, *flags)),
+            Op::Link { old, name } => bytes(fs.link(c, *old, n, name)),
+            Op::Open(a) => bytes(fs.open(n, a)),
+            Op::Create { arg, name } => fs.create(c, n, arg, name).map(pair),
+            Op::Tmpfile(arg) => fs.tmpfile(c, n, arg).map(pair),
+            Op::Read(a) if a.size > MAX_WRITE => Err(libc::EINVAL),
+            Op::Read(a) => fs.read(a),
+            Op::Write { arg, data } => bytes(fs.write(arg, data)),
+            Op::Flush(a) => empty(fs.flush(a.fh)),
+            Op::Release(a) => empty(fs.release(a.fh)),
+            Op::Fsync(a) => empty(fs.fsync(a.fh, a.fsync_flags & 1 != 0)),
+            Op::Fallocate(a) => empty(fs.fallocate(a)),
+            Op::Lseek(a) => bytes(fs.lseek(a)),
+            Op::CopyFileRange(a) => bytes(fs.copy_file_range(a)),
+            Op::Statfs => bytes(fs.statfs(n)),
+            Op::Syncfs => empty(fs.syncfs()),
+            Op::Access(a) => empty(fs.access(n, a.mask)),
+            Op::Setxattr { arg, name, value } => empty(fs.setxattr(n, arg, name, value)),
+            Op::Getxattr { arg, name } => xattr_reply(fs.getxattr(n, Some(name), arg.size)),
+            Op::Listxattr(arg) => xattr_reply(fs.getxattr(n, None, arg.size)),
+            Op::Removexattr(name) => empty(fs.removexattr(n, name)),
+            Op::Opendir(_) => bytes(fs.opendir(n)),
+            Op::Readdir(a) => fs.readdir(n, a, false),
+            Op::Readdirplus(a) => fs.readdir(n, a, true),
+            Op::Releasedir(a) => empty(fs.releasedir(a.fh)),
+            Op::Fsyncdir(a) => empty(fs.fsync(a.fh, a.fsync_flags & 1 != 0)),
+            Op::Unsupported(code) => {
+                if !known_unsupported(*code) {
+                    *fault = Some("unknown FUSE opcode");
+                }
+                Err(libc::ENOSYS)
+            }
+        }
+    }
+}
+
+fn pair((e, o): (abi::EntryOut, abi::OpenOut)) -> Vec<u8> {
+    let mut v = e.as_bytes().to_vec();
+    v.extend_from_slice(o.as_bytes());
+    v
+}
+
+fn xattr_reply(r: Res<Result<Vec<u8>, u32>>) -> Res<Vec<u8>> {
+    r.map(|v| match v {
+        Ok(bytes) => bytes,
+        Err(size) => abi::GetxattrOut { size, padding: 0 }.as_bytes().to_vec(),
+    })
+}
+
+/// Opcodes the protocol defines that vsnap answers with ENOSYS on purpose (the guest then
+/// handles locks itself, or stops asking).
+fn known_unsupported(code: u32) -> bool {
+    use opcode::*;
+    matches!(
+        code,
+        GETLK | SETLK | SETLKW | BMAP | IOCTL | POLL | SETUPMAPPING | REMOVEMAPPING
+    )
+}
+
+fn fault_label(e: &DecodeError) -> &'static str {
+    match e {
+        DecodeError::NoHeader(_) => "FUSE message shorter than its header (no reply possible)",
+        DecodeError::BadLength { .. } => "FUSE header length disagrees with the message",
+        DecodeError::Truncated { .. } => "FUSE arguments truncated",
+        DecodeError::Unterminated { .. } => "FUSE name not NUL-terminated",
+    }
+}
+
+impl InHeader {
+    /// The `unique` of a message whose header is whole (0 otherwise).
+    pub fn read_unique(msg: &[u8]) -> u64 {
+        msg.get(8..16)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+            .unwrap_or(0)
+    }
+}

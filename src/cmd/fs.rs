@@ -1,0 +1,223 @@
+//! `vsnap fs`: the virtio-fs daemon. Flags it shares with virtiofsd keep virtiofsd's names, so a
+//! VMM's or libvirt's command line works with either binary.
+
+use std::os::fd::FromRawFd;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use vsnap_fs::device::{FsBackend, FsOptions, TAG_LEN};
+use vsnap_fs::inode_store::StoreMode;
+use vsnap_fs::passthrough::{CacheMode, FsConfig, Passthrough};
+use vsnap_fs::server::Server;
+use vsnap_vhost::{serve, serve_listener, Stopper};
+
+#[derive(Args)]
+pub struct FsArgs {
+    /// vhost-user socket to listen on (the VMM connects to it).
+    #[arg(
+        long,
+        alias = "socket",
+        required_unless_present = "fd",
+        conflicts_with = "fd"
+    )]
+    socket_path: Option<PathBuf>,
+    /// A listening vhost-user socket inherited as this fd (as libvirt passes it).
+    #[arg(long)]
+    fd: Option<i32>,
+    /// The directory the guest sees.
+    #[arg(long)]
+    shared_dir: PathBuf,
+    /// Where inodes the guest holds are kept as hard links; must be on the same file system as
+    /// the shared dir, and is hidden from the guest if it lies inside it
+    /// [default: SHARED_DIR/.vsnap-workdir].
+    #[arg(long)]
+    workdir: Option<PathBuf>,
+    /// How long the guest caches metadata and whether it caches file data.
+    #[arg(long, value_enum, default_value = "auto")]
+    cache: CacheArg,
+    /// Serve extended attributes.
+    #[arg(long)]
+    xattr: bool,
+    /// Let the guest cache writes (FUSE writeback cache; not with --cache never).
+    #[arg(long)]
+    writeback: bool,
+    /// Do not offer READDIRPLUS.
+    #[arg(long)]
+    no_readdirplus: bool,
+    /// Keep O_DIRECT when the guest opens with it.
+    #[arg(long)]
+    allow_direct_io: bool,
+    /// Threads serving requests; 0 serves them on the queue's own thread.
+    #[arg(long, default_value_t = 0)]
+    thread_pool_size: usize,
+    /// How guest-held inodes are kept: `workdir` links (no fd per inode) or one fd each.
+    #[arg(long, value_enum, default_value = "workdir")]
+    inode_store: StoreArg,
+    /// Confinement of the daemon: `namespace` (private mount and network namespace, then chroot
+    /// into the shared dir), `chroot`, or `none` [default: namespace as root, none otherwise].
+    #[arg(long, value_enum)]
+    sandbox: Option<SandboxArg>,
+    /// Tag offered in the config space (QEMU and cloud-hypervisor set their own).
+    #[arg(long)]
+    tag: Option<String>,
+    /// Maximum virtqueue size.
+    #[arg(long, default_value_t = 1024)]
+    queue_size: u16,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CacheArg {
+    Never,
+    Metadata,
+    Auto,
+    Always,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum StoreArg {
+    Workdir,
+    Fd,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum SandboxArg {
+    None,
+    Chroot,
+    Namespace,
+}
+
+fn cvt(r: libc::c_int, what: &str) -> anyhow::Result<()> {
+    if r < 0 {
+        return Err(std::io::Error::last_os_error()).context(what.to_string());
+    }
+    Ok(())
+}
+
+/// Confines the process to `dir`. Runs before any thread exists: chroot and unshare change
+/// the calling thread's file system context only, which threads created later inherit.
+fn sandbox(kind: SandboxArg, dir: &Path) -> anyhow::Result<()> {
+    if kind == SandboxArg::None {
+        return Ok(());
+    }
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())?;
+    // SAFETY: plain syscalls with valid C strings.
+    unsafe {
+        if kind == SandboxArg::Namespace {
+            cvt(
+                libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWNET | libc::CLONE_NEWIPC),
+                "unshare the mount, network and IPC namespaces (needs root; see --sandbox)",
+            )?;
+            // Mounts made inside stay inside.
+            cvt(
+                libc::mount(
+                    std::ptr::null(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ),
+                "make mounts private",
+            )?;
+        }
+        cvt(
+            libc::chroot(c.as_ptr()),
+            "chroot into the shared dir (needs root; see --sandbox)",
+        )?;
+        cvt(libc::chdir(c"/".as_ptr()), "chdir /")?;
+    }
+    Ok(())
+}
+
+pub fn run(a: FsArgs) -> anyhow::Result<()> {
+    if a.tag.as_ref().is_some_and(|t| t.len() > TAG_LEN) {
+        bail!("--tag is longer than {TAG_LEN} bytes");
+    }
+    if !a.queue_size.is_power_of_two() || a.queue_size > 32768 {
+        bail!("--queue-size must be a power of two up to 32768");
+    }
+    let shared = std::fs::canonicalize(&a.shared_dir)
+        .with_context(|| format!("shared dir {}", a.shared_dir.display()))?;
+    let workdir = match &a.workdir {
+        Some(w) => std::path::absolute(w)?,
+        None => shared.join(".vsnap-workdir"),
+    };
+    // Bind before the sandbox hides the socket's directory.
+    let listener = match (&a.socket_path, a.fd) {
+        (Some(p), _) => {
+            let _ = std::fs::remove_file(p);
+            UnixListener::bind(p).with_context(|| format!("listen on {}", p.display()))?
+        }
+        // SAFETY: the caller handed us this fd as a listening socket.
+        (None, Some(fd)) => unsafe { UnixListener::from_raw_fd(fd) },
+        (None, None) => bail!("--socket-path or --fd is required"),
+    };
+    let cfg = FsConfig {
+        cache: match a.cache {
+            CacheArg::Never => CacheMode::Never,
+            CacheArg::Metadata => CacheMode::Metadata,
+            CacheArg::Auto => CacheMode::Auto,
+            CacheArg::Always => CacheMode::Always,
+        },
+        xattr: a.xattr,
+        writeback: a.writeback,
+        readdirplus: !a.no_readdirplus,
+        allow_direct_io: a.allow_direct_io,
+        inode_store: match a.inode_store {
+            StoreArg::Workdir => StoreMode::Workdir,
+            StoreArg::Fd => StoreMode::Fd,
+        },
+    };
+    let fs = Passthrough::new(&shared, &workdir, cfg)
+        .with_context(|| format!("serve {}", shared.display()))?;
+    // SAFETY: plain syscall.
+    let root = unsafe { libc::geteuid() } == 0;
+    let kind = a.sandbox.unwrap_or(if root {
+        SandboxArg::Namespace
+    } else {
+        SandboxArg::None
+    });
+    sandbox(kind, &shared)?;
+    tracing::info!(
+        shared_dir = %shared.display(),
+        workdir = %workdir.display(),
+        sandbox = ?kind.to_possible_value().map(|v| v.get_name().to_string()),
+        "serving"
+    );
+    let backend = Arc::new(FsBackend::new(
+        Arc::new(Server::new(fs)),
+        FsOptions {
+            tag: a.tag.clone(),
+            request_queues: 1,
+            queue_size: a.queue_size,
+            thread_pool_size: a.thread_pool_size,
+        },
+    )?);
+    let stopper = Stopper::new();
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])?;
+    {
+        let stopper = stopper.clone();
+        std::thread::spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                tracing::info!(signal = sig, "stopping");
+                stopper.stop();
+            }
+        });
+    }
+    let served = match &a.socket_path {
+        // Outside a chroot the path is still reachable: let serve() rebind and clean it up.
+        Some(p) if kind == SandboxArg::None => {
+            drop(listener);
+            serve(backend.clone(), p, &stopper)
+        }
+        _ => serve_listener(backend.clone(), listener, &stopper),
+    };
+    // Dropping the server empties the workdir.
+    drop(backend);
+    served.map_err(|e| anyhow::anyhow!("{e}"))
+}
