@@ -3,12 +3,14 @@ set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 guest="$repo/target/guest"
 vsnap="$repo/target/debug/vsnap"
+initrd="$guest/initramfs-$(sha256sum "$repo/tests/guest/initramfs.sh" | cut -c1-12).cpio.gz"
 
 prepare() {
   "$repo/tests/guest/deps.sh"
   (cd "$repo" && cargo build -q --bin vsnap)
   "$repo/tests/guest/kernel.sh" "$guest/kernel" >/dev/null
-  [ -f "$guest/initramfs.cpio.gz" ] || "$repo/tests/guest/initramfs.sh" "$guest/kernel" "$guest/initramfs.cpio.gz"
+  # Rebuilt whenever the recipe changes (a new tool for a new test).
+  [ -f "$initrd" ] || "$repo/tests/guest/initramfs.sh" "$guest/kernel" "$initrd"
 }
 
 # wait_for PATH: until a socket appears (at most 10 s).
@@ -23,7 +25,7 @@ guest() {
   local s; s=$(mktemp)
   { echo '#!/bin/sh'; printf '%s\n' "${GUEST_ENV[@]}"; cat "$repo/tests/guest/guest-ctl.sh"; tail -n +2 "$script"; } > "$s"
   local rc=0
-  "$repo/tests/guest/run-guest.sh" "$guest/kernel" "$guest/initramfs.cpio.gz" "$s" "$log" "$timeout" "$@" || rc=$?
+  "$repo/tests/guest/run-guest.sh" "$guest/kernel" "$initrd" "$s" "$log" "$timeout" "$@" || rc=$?
   rm -f "$s"
   return $rc
 }

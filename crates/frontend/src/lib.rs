@@ -4,6 +4,7 @@
 //! exactly as a VMM would — minus the VM.
 
 pub mod blk;
+pub mod fs;
 
 use std::collections::HashMap;
 use std::fs::File;

@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 use std::ffi::{CStr, CString};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -56,8 +56,71 @@ pub enum StoreMode {
 pub enum Handle {
     /// A hard link named `name` in the workdir; no fd held.
     Link(CString),
+    /// A file handle (`name_to_handle_at`), for directories on the share's own mount when the
+    /// daemon may open handles (CAP_DAC_READ_SEARCH); no fd held.
+    Dir(FileHandle),
     /// An `O_PATH` fd.
     Fd(OwnedFd),
+}
+
+/// The opaque part of a `struct file_handle`.
+#[derive(Debug)]
+pub struct FileHandle {
+    typ: i32,
+    bytes: Box<[u8]>,
+}
+
+const MAX_HANDLE_SZ: usize = 128;
+
+/// `struct file_handle` with room for the largest handle, aligned as the kernel expects.
+#[repr(C)]
+struct RawHandle {
+    bytes: u32,
+    typ: i32,
+    data: [u8; MAX_HANDLE_SZ],
+}
+
+/// The handle and mount id of the inode behind `fd`.
+fn name_to_handle(fd: RawFd) -> io::Result<(FileHandle, i32)> {
+    let mut h = RawHandle {
+        bytes: MAX_HANDLE_SZ as u32,
+        typ: 0,
+        data: [0; MAX_HANDLE_SZ],
+    };
+    let mut mnt = 0;
+    // SAFETY: valid fd, empty C string, a buffer of MAX_HANDLE_SZ bytes as declared.
+    cvt(unsafe {
+        libc::name_to_handle_at(
+            fd,
+            c"".as_ptr(),
+            (&raw mut h).cast(),
+            &mut mnt,
+            libc::AT_EMPTY_PATH,
+        )
+    })?;
+    let n = (h.bytes as usize).min(MAX_HANDLE_SZ);
+    Ok((
+        FileHandle {
+            typ: h.typ,
+            bytes: h.data[..n].into(),
+        },
+        mnt,
+    ))
+}
+
+fn open_handle(mount_fd: RawFd, fh: &FileHandle, flags: libc::c_int) -> io::Result<OwnedFd> {
+    let mut h = RawHandle {
+        bytes: fh.bytes.len() as u32,
+        typ: fh.typ,
+        data: [0; MAX_HANDLE_SZ],
+    };
+    h.data[..fh.bytes.len()].copy_from_slice(&fh.bytes);
+    // SAFETY: a handle from name_to_handle_at; the returned fd is ours.
+    let fd = cvt(unsafe {
+        libc::open_by_handle_at(mount_fd, (&raw mut h).cast(), flags | libc::O_CLOEXEC)
+    })?;
+    // SAFETY: fd was just returned by open_by_handle_at.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 #[derive(Debug)]
@@ -116,11 +179,15 @@ impl Inode {
 pub struct StoreCounts {
     pub inodes: usize,
     pub links: usize,
+    pub handles: usize,
     pub fds: usize,
 }
 
 pub struct InodeStore {
     mode: StoreMode,
+    /// The share's root (for `open_by_handle_at`) and its mount id, when directories can be
+    /// held by file handle.
+    dir_handles: Option<(OwnedFd, i32)>,
     workdir: OwnedFd,
     workdir_key: InodeKey,
     /// Links only work within one mount: inodes of other mounts are held by fd.
@@ -212,8 +279,25 @@ impl InodeStore {
         }
         let st = fstatat(dir.as_raw_fd(), c"", libc::AT_EMPTY_PATH).map_err(err)?;
         let root_st = fstatat(root.as_raw_fd(), c"", libc::AT_EMPTY_PATH)?;
+        // Directories by handle need the right to open handles: probe it once on the root.
+        let dir_handles = match mode {
+            StoreMode::Fd => None,
+            // open_by_handle_at() takes no O_PATH fd for the mount: open the root for reading.
+            StoreMode::Workdir => name_to_handle(root.as_raw_fd())
+                .and_then(|(h, mnt)| {
+                    let (proc, name) = via_proc(root.as_raw_fd());
+                    let mount_fd = openat(proc, &name, libc::O_RDONLY | libc::O_DIRECTORY)?;
+                    open_handle(mount_fd.as_raw_fd(), &h, libc::O_PATH)?;
+                    Ok((mount_fd, mnt))
+                })
+                .ok(),
+        };
+        if mode == StoreMode::Workdir && dir_handles.is_none() {
+            tracing::info!("no CAP_DAC_READ_SEARCH: directories are held by fd");
+        }
         let store = Self {
             mode,
+            dir_handles,
             workdir_mnt: mnt_id(dir.as_raw_fd()),
             workdir: dir,
             workdir_key: (st.st_dev, st.st_ino),
@@ -291,7 +375,16 @@ impl InodeStore {
             && !is_dir
             && st.st_dev == self.workdir_key.0
             && (self.workdir_mnt.is_none() || mnt_id(fd.as_raw_fd()) == self.workdir_mnt);
-        let (handle, ctimes) = if linkable {
+        let dir_handle = match &self.dir_handles {
+            Some((_, root_mnt)) if is_dir => name_to_handle(fd.as_raw_fd())
+                .ok()
+                .filter(|(_, mnt)| mnt == root_mnt)
+                .map(|(h, _)| h),
+            _ => None,
+        };
+        let (handle, ctimes) = if let Some(h) = dir_handle {
+            (Handle::Dir(h), None)
+        } else if linkable {
             match self.link(&fd, st.st_ino, id) {
                 Ok(name) => {
                     let after = fstatat(fd.as_raw_fd(), c"", libc::AT_EMPTY_PATH)
@@ -343,10 +436,17 @@ impl InodeStore {
         Ok(name)
     }
 
-    /// An `O_PATH` fd for the inode: its own, or one opened through its link.
+    fn mount_fd(&self) -> RawFd {
+        self.dir_handles
+            .as_ref()
+            .map_or(-1, |(fd, _)| fd.as_raw_fd())
+    }
+
+    /// An `O_PATH` fd for the inode: its own, or one opened through its link or handle.
     pub fn path_fd<'a>(&self, inode: &'a Inode) -> io::Result<PathFd<'a>> {
         match &inode.handle {
             Handle::Fd(fd) => Ok(PathFd::Borrowed(fd.as_fd())),
+            Handle::Dir(h) => open_handle(self.mount_fd(), h, libc::O_PATH).map(PathFd::Owned),
             Handle::Link(name) => openat(
                 self.workdir.as_raw_fd(),
                 name,
@@ -356,13 +456,21 @@ impl InodeStore {
         }
     }
 
-    /// Where path-based calls reach the inode: (dirfd, name) for `*at` calls that take
-    /// `AT_SYMLINK_NOFOLLOW`. Fd-held inodes are reached through `/proc/self/fd`.
-    pub fn at_path(&self, inode: &Inode) -> (RawFd, CString) {
-        match &inode.handle {
-            Handle::Link(name) => (self.workdir.as_raw_fd(), name.clone()),
-            Handle::Fd(fd) => via_proc(fd.as_raw_fd()),
-        }
+    /// Where path-based calls reach the inode: (dirfd, name) for `*at` calls, plus the fd that
+    /// keeps the path valid. Linked inodes are reached by their workdir name (pass
+    /// `AT_SYMLINK_NOFOLLOW`); the others through `/proc/self/fd` (to be followed).
+    pub fn at_path<'a>(
+        &self,
+        inode: &'a Inode,
+    ) -> io::Result<(Option<PathFd<'a>>, RawFd, CString)> {
+        Ok(match &inode.handle {
+            Handle::Link(name) => (None, self.workdir.as_raw_fd(), name.clone()),
+            _ => {
+                let fd = self.path_fd(inode)?;
+                let (dir, name) = via_proc(fd.as_raw_fd());
+                (Some(fd), dir, name)
+            }
+        })
     }
 
     /// The target of a symlink inode.
@@ -390,6 +498,7 @@ impl InodeStore {
         let flags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY) | libc::O_NOFOLLOW;
         match &inode.handle {
             Handle::Link(name) => openat(self.workdir.as_raw_fd(), name, flags),
+            Handle::Dir(h) => open_handle(self.mount_fd(), h, flags),
             Handle::Fd(fd) => {
                 let (proc, name) = via_proc(fd.as_raw_fd());
                 openat(proc, &name, flags & !libc::O_NOFOLLOW)
@@ -400,8 +509,8 @@ impl InodeStore {
     /// The inode's attributes as the guest should see them: without our workdir link.
     pub fn stat(&self, inode: &Inode) -> io::Result<libc::stat> {
         match &inode.handle {
-            Handle::Fd(fd) => fstatat(
-                fd.as_raw_fd(),
+            Handle::Fd(_) | Handle::Dir(_) => fstatat(
+                self.path_fd(inode)?.as_raw_fd(),
                 c"",
                 libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
             ),
@@ -466,15 +575,18 @@ impl InodeStore {
 
     pub fn counts(&self) -> StoreCounts {
         let inodes = self.inodes.read().unwrap_or_else(PoisonError::into_inner);
-        let links = inodes
-            .values()
-            .filter(|i| matches!(i.handle, Handle::Link(_)))
-            .count();
-        StoreCounts {
+        let mut c = StoreCounts {
             inodes: inodes.len(),
-            links,
-            fds: inodes.len() - links,
+            ..StoreCounts::default()
+        };
+        for i in inodes.values() {
+            match i.handle {
+                Handle::Link(_) => c.links += 1,
+                Handle::Dir(_) => c.handles += 1,
+                Handle::Fd(_) => c.fds += 1,
+            }
         }
+        c
     }
 }
 

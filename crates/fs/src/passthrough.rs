@@ -107,6 +107,7 @@ struct FileHandle {
 pub struct FsCounts {
     pub inodes: usize,
     pub links: usize,
+    pub dir_handles: usize,
     pub inode_fds: usize,
     pub handles: usize,
 }
@@ -220,6 +221,7 @@ impl Passthrough {
         FsCounts {
             inodes: s.inodes,
             links: s.links,
+            dir_handles: s.handles,
             inode_fds: s.fds,
             handles: self
                 .handles
@@ -347,9 +349,9 @@ impl Passthrough {
             None
         };
         let symlink = i.kind == libc::S_IFLNK;
-        let (dirfd, name) = self.store.at_path(&i);
+        let (_keep, dirfd, name) = self.store.at_path(&i).map_err(errno)?;
         // Linked inodes are reached by their workdir name (not following: it may be a symlink);
-        // fd-held ones through /proc/self/fd, which must be followed to reach the inode.
+        // the others through /proc/self/fd, which must be followed to reach the inode.
         let nofollow = if is_proc(dirfd) {
             0
         } else {
@@ -478,7 +480,7 @@ impl Passthrough {
         if o.is_dir {
             return Err(libc::EPERM);
         }
-        let (odir, oname) = self.store.at_path(&o);
+        let (_keep, odir, oname) = self.store.at_path(&o).map_err(errno)?;
         let follow = if is_proc(odir) {
             libc::AT_SYMLINK_FOLLOW
         } else {
@@ -782,7 +784,7 @@ impl Passthrough {
         if i.kind == libc::S_IFLNK {
             return Ok(());
         }
-        let (dirfd, name) = self.store.at_path(&i);
+        let (_keep, dirfd, name) = self.store.at_path(&i).map_err(errno)?;
         // SAFETY: valid fd and C string.
         cvt(unsafe { libc::faccessat(dirfd, name.as_ptr(), mask as libc::c_int, 0) })
             .map_err(errno)?;
