@@ -246,7 +246,10 @@ pub fn decode(msg: &[u8]) -> Result<Request<'_>, DecodeError> {
         LSEEK => Op::Lseek(a.take()?),
         COPY_FILE_RANGE => Op::CopyFileRange(a.take()?),
         STATFS => Op::Statfs,
-        SYNCFS => Op::Syncfs,
+        SYNCFS => {
+            a.take::<u64>()?; // fuse_syncfs_in: padding only
+            Op::Syncfs
+        }
         ACCESS => Op::Access(a.take()?),
         SETXATTR => {
             let arg: SetxattrIn = a.take()?;
@@ -276,4 +279,296 @@ pub fn decode(msg: &[u8]) -> Result<Request<'_>, DecodeError> {
 /// The opcodes that get no reply.
 pub fn no_reply(op: &Op<'_>) -> bool {
     matches!(op, Op::Forget(_) | Op::BatchForget(_) | Op::Interrupt(_))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zerocopy::IntoBytes;
+
+    fn msg(opcode: u32, args: &[u8]) -> Vec<u8> {
+        let h = InHeader {
+            len: (size_of::<InHeader>() + args.len()) as u32,
+            opcode,
+            unique: 42,
+            nodeid: 7,
+            ..InHeader::default()
+        };
+        let mut m = h.as_bytes().to_vec();
+        m.extend_from_slice(args);
+        m
+    }
+
+    fn cat(parts: &[&[u8]]) -> Vec<u8> {
+        parts.concat()
+    }
+
+    /// One well-formed message per opcode the decoder knows, with the operation it must yield.
+    fn samples() -> Vec<(u32, Vec<u8>)> {
+        use opcode::*;
+        let read = ReadIn {
+            fh: 3,
+            offset: 4096,
+            size: 5,
+            ..ReadIn::default()
+        };
+        let setattr = SetattrIn {
+            valid: fattr::MODE,
+            mode: 0o644,
+            ..SetattrIn::default()
+        };
+        vec![
+            (
+                INIT,
+                InitIn {
+                    major: 7,
+                    minor: 38,
+                    ..InitIn::default()
+                }
+                .as_bytes()
+                .to_vec(),
+            ),
+            (DESTROY, vec![]),
+            (LOOKUP, b"name\0".to_vec()),
+            (FORGET, ForgetIn { nlookup: 3 }.as_bytes().to_vec()),
+            (
+                BATCH_FORGET,
+                cat(&[
+                    BatchForgetIn { count: 2, dummy: 0 }.as_bytes(),
+                    ForgetOne {
+                        nodeid: 2,
+                        nlookup: 1,
+                    }
+                    .as_bytes(),
+                    ForgetOne {
+                        nodeid: 3,
+                        nlookup: 4,
+                    }
+                    .as_bytes(),
+                ]),
+            ),
+            (GETATTR, GetattrIn::default().as_bytes().to_vec()),
+            (SETATTR, setattr.as_bytes().to_vec()),
+            (READLINK, vec![]),
+            (SYMLINK, b"link\0target\0".to_vec()),
+            (
+                MKNOD,
+                cat(&[
+                    MknodIn {
+                        mode: 0o10644,
+                        ..MknodIn::default()
+                    }
+                    .as_bytes(),
+                    b"fifo\0",
+                ]),
+            ),
+            (
+                MKDIR,
+                cat(&[
+                    MkdirIn {
+                        mode: 0o755,
+                        umask: 0,
+                    }
+                    .as_bytes(),
+                    b"dir\0",
+                ]),
+            ),
+            (UNLINK, b"f\0".to_vec()),
+            (RMDIR, b"d\0".to_vec()),
+            (RENAME, cat(&[RenameIn { newdir: 9 }.as_bytes(), b"a\0b\0"])),
+            (
+                RENAME2,
+                cat(&[
+                    Rename2In {
+                        newdir: 9,
+                        flags: 1,
+                        padding: 0,
+                    }
+                    .as_bytes(),
+                    b"a\0b\0",
+                ]),
+            ),
+            (LINK, cat(&[LinkIn { oldnodeid: 5 }.as_bytes(), b"hard\0"])),
+            (
+                OPEN,
+                OpenIn {
+                    flags: 2,
+                    open_flags: 0,
+                }
+                .as_bytes()
+                .to_vec(),
+            ),
+            (
+                CREATE,
+                cat(&[
+                    CreateIn {
+                        flags: 0o100,
+                        mode: 0o644,
+                        ..CreateIn::default()
+                    }
+                    .as_bytes(),
+                    b"new\0",
+                ]),
+            ),
+            (TMPFILE, CreateIn::default().as_bytes().to_vec()),
+            (READ, read.as_bytes().to_vec()),
+            (WRITE, cat(&[read.as_bytes(), b"hello"])),
+            (FLUSH, FlushIn::default().as_bytes().to_vec()),
+            (RELEASE, ReleaseIn::default().as_bytes().to_vec()),
+            (FSYNC, FsyncIn::default().as_bytes().to_vec()),
+            (FALLOCATE, FallocateIn::default().as_bytes().to_vec()),
+            (LSEEK, LseekIn::default().as_bytes().to_vec()),
+            (
+                COPY_FILE_RANGE,
+                CopyFileRangeIn::default().as_bytes().to_vec(),
+            ),
+            (STATFS, vec![]),
+            (SYNCFS, 0u64.as_bytes().to_vec()),
+            (ACCESS, AccessIn::default().as_bytes().to_vec()),
+            (
+                SETXATTR,
+                cat(&[
+                    SetxattrIn { size: 3, flags: 0 }.as_bytes(),
+                    b"user.a\0",
+                    b"xyz",
+                ]),
+            ),
+            (
+                GETXATTR,
+                cat(&[
+                    GetxattrIn {
+                        size: 64,
+                        padding: 0,
+                    }
+                    .as_bytes(),
+                    b"user.a\0",
+                ]),
+            ),
+            (LISTXATTR, GetxattrIn::default().as_bytes().to_vec()),
+            (REMOVEXATTR, b"user.a\0".to_vec()),
+            (OPENDIR, OpenIn::default().as_bytes().to_vec()),
+            (READDIR, read.as_bytes().to_vec()),
+            (READDIRPLUS, read.as_bytes().to_vec()),
+            (RELEASEDIR, ReleaseIn::default().as_bytes().to_vec()),
+            (FSYNCDIR, FsyncIn::default().as_bytes().to_vec()),
+            (INTERRUPT, InterruptIn { unique: 40 }.as_bytes().to_vec()),
+        ]
+    }
+
+    #[test]
+    fn every_opcode_decodes() {
+        for (opcode, args) in samples() {
+            let m = msg(opcode, &args);
+            let r = decode(&m).unwrap_or_else(|e| panic!("opcode {opcode}: {e}"));
+            assert_eq!((r.header.unique, r.header.nodeid), (42, 7));
+            assert!(!matches!(r.op, Op::Unsupported(_)), "opcode {opcode}");
+        }
+        let m = msg(opcode::RENAME2, &samples()[14].1);
+        assert_eq!(
+            decode(&m).unwrap().op,
+            Op::Rename {
+                newdir: 9,
+                flags: 1,
+                old: c"a",
+                new: c"b"
+            }
+        );
+        let m = msg(opcode::WRITE, &samples()[20].1);
+        assert!(matches!(
+            decode(&m).unwrap().op,
+            Op::Write { data: b"hello", .. }
+        ));
+        let m = msg(opcode::SETXATTR, &samples()[30].1);
+        assert!(matches!(
+            decode(&m).unwrap().op,
+            Op::Setxattr { name, value: b"xyz", .. } if name == c"user.a"
+        ));
+        let m = msg(opcode::BATCH_FORGET, &samples()[4].1);
+        assert!(
+            matches!(decode(&m).unwrap().op, Op::BatchForget(v) if v.len() == 2 && v[1].nlookup == 4)
+        );
+    }
+
+    #[test]
+    fn every_truncation_is_an_error_not_a_panic() {
+        for (opcode, args) in samples() {
+            // Ops whose arguments may be empty have no truncated form.
+            let min = match opcode {
+                opcode::INIT => INIT_IN_COMPAT_SIZE,
+                _ => args.len(),
+            };
+            for cut in 0..min {
+                let m = msg(opcode, &args[..cut]);
+                assert!(
+                    decode(&m).is_err(),
+                    "opcode {opcode} cut to {cut} bytes decoded"
+                );
+            }
+            // A header that claims more than the message holds.
+            let mut m = msg(opcode, &args);
+            let lie = m.len() as u32 + 1;
+            m[0..4].copy_from_slice(&lie.to_le_bytes());
+            assert_eq!(
+                decode(&m).unwrap_err(),
+                DecodeError::BadLength {
+                    said: m.len() as u32 + 1,
+                    got: m.len()
+                }
+            );
+            // Every prefix of the message, header included, is handled.
+            let m = msg(opcode, &args);
+            for cut in 0..m.len() {
+                let _ = decode(&m[..cut]);
+            }
+        }
+    }
+
+    #[test]
+    fn short_messages_and_odd_opcodes() {
+        assert_eq!(decode(&[0u8; 39]).unwrap_err(), DecodeError::NoHeader(39));
+        let mut m = msg(opcode::LOOKUP, b"x\0");
+        m[0..4].copy_from_slice(&10u32.to_le_bytes());
+        assert!(matches!(
+            decode(&m),
+            Err(DecodeError::BadLength { said: 10, .. })
+        ));
+        assert_eq!(decode(&msg(9999, &[])).unwrap().op, Op::Unsupported(9999));
+        assert_eq!(
+            decode(&msg(opcode::GETLK, &[])).unwrap().op,
+            Op::Unsupported(opcode::GETLK)
+        );
+        // A write whose size says more than it carries.
+        let mut w = ReadIn {
+            size: 100,
+            ..ReadIn::default()
+        }
+        .as_bytes()
+        .to_vec();
+        w.extend_from_slice(b"short");
+        assert_eq!(
+            decode(&msg(opcode::WRITE, &w)).unwrap_err(),
+            DecodeError::Truncated {
+                opcode: opcode::WRITE
+            }
+        );
+        // A batch forget whose count is larger than what follows (and would overflow).
+        let b = BatchForgetIn {
+            count: u32::MAX,
+            dummy: 0,
+        };
+        assert!(decode(&msg(opcode::BATCH_FORGET, b.as_bytes())).is_err());
+        // Old guests send the 16-byte INIT.
+        let i = InitIn {
+            major: 7,
+            minor: 31,
+            ..InitIn::default()
+        };
+        let m = msg(opcode::INIT, &i.as_bytes()[..INIT_IN_COMPAT_SIZE]);
+        let r = decode(&m).unwrap();
+        assert!(matches!(r.op, Op::Init(InitIn { minor: 31, .. })));
+        // Bytes past the header's length are ignored (the name is cut at len).
+        let mut m = msg(opcode::LOOKUP, b"abc\0");
+        m.extend_from_slice(b"junk");
+        assert_eq!(decode(&m).unwrap().op, Op::Lookup(c"abc"));
+    }
 }

@@ -6,7 +6,7 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use vsnap_fs::inode_store::{Handle, InodeStore, ROOT_ID};
+use vsnap_fs::inode_store::{Handle, InodeStore, StoreMode, ROOT_ID};
 
 fn open_dir(p: &Path) -> OwnedFd {
     let c = CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
@@ -59,8 +59,8 @@ fn lookups_are_counted_and_forget_removes_the_link() {
     assert_eq!((a2.id, a.lookups()), (a.id, 2));
     let (d, _) = s.lookup(&root, &cname("d")).unwrap();
     assert!(
-        matches!(d.handle, Handle::Fd(_)),
-        "directories are held by fd"
+        matches!(d.handle, Handle::Dir(_) | Handle::Fd(_)),
+        "directories are held by handle or fd"
     );
     assert_eq!(s.counts().inodes, 3);
     s.forget(a.id, 1);
@@ -162,10 +162,83 @@ fn holding_20000_inodes_costs_no_fds() {
     }
     let after = open_fds();
     let c = s.counts();
-    assert_eq!((c.inodes, c.links, c.fds), (20_001, 20_000, 1));
+    assert_eq!(
+        (c.inodes, c.links, c.handles, c.fds),
+        (20_001, 20_000, 0, 1)
+    );
     assert!(
         after <= before + 4,
         "fds grew from {before} to {after} while holding 20,000 inodes"
     );
     assert_eq!(entries(&work), 20_000);
+}
+
+#[test]
+fn ctime_seen_by_the_guest_ignores_our_link_until_the_file_changes() {
+    let (_t, share, work) = setup();
+    std::fs::write(share.join("f"), b"x").unwrap();
+    let before = std::fs::metadata(share.join("f")).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let s = InodeStore::new(&work, open_dir(&share)).unwrap();
+    let (f, st) = s.lookup(&s.get(ROOT_ID).unwrap(), &cname("f")).unwrap();
+    let ctime = |st: &libc::stat| (st.st_ctime, st.st_ctime_nsec);
+    assert_eq!(ctime(&st), (before.ctime(), before.ctime_nsec()));
+    let host = std::fs::metadata(share.join("f")).unwrap();
+    assert_ne!(
+        (host.ctime(), host.ctime_nsec()),
+        (before.ctime(), before.ctime_nsec()),
+        "linkat moved ctime"
+    );
+    assert_eq!(
+        ctime(&s.stat(&f).unwrap()),
+        (before.ctime(), before.ctime_nsec())
+    );
+    // A later change of the inode shows through.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    std::fs::set_permissions(
+        share.join("f"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let now = std::fs::metadata(share.join("f")).unwrap();
+    assert_eq!(ctime(&s.stat(&f).unwrap()), (now.ctime(), now.ctime_nsec()));
+}
+
+#[test]
+fn directories_by_handle_as_root_and_everything_by_fd_in_fd_mode() {
+    let (_t, share, work) = setup();
+    std::fs::create_dir_all(share.join("d/e")).unwrap();
+    std::fs::write(share.join("d/e/f"), b"deep").unwrap();
+    let s = InodeStore::new(&work, open_dir(&share)).unwrap();
+    let root = s.get(ROOT_ID).unwrap();
+    let (d, _) = s.lookup(&root, &cname("d")).unwrap();
+    let (e, _) = s.lookup(&d, &cname("e")).unwrap();
+    let (f, _) = s.lookup(&e, &cname("f")).unwrap();
+    // SAFETY: plain syscall.
+    if unsafe { libc::geteuid() } == 0 {
+        assert!(
+            matches!(d.handle, Handle::Dir(_)),
+            "root may open handles: no fd per directory"
+        );
+        // A renamed directory is still the same handle.
+        std::fs::rename(share.join("d"), share.join("moved")).unwrap();
+        let (f2, _) = s.lookup(&e, &cname("f")).unwrap();
+        assert_eq!(f2.id, f.id);
+    }
+    drop(s);
+    let s = InodeStore::with_mode(&work, open_dir(&share), StoreMode::Fd).unwrap();
+    let root = s.get(ROOT_ID).unwrap();
+    let name = if share.join("moved").exists() {
+        "moved"
+    } else {
+        "d"
+    };
+    let (d, _) = s.lookup(&root, &cname(name)).unwrap();
+    let (e, _) = s.lookup(&d, &cname("e")).unwrap();
+    let (f, st) = s.lookup(&e, &cname("f")).unwrap();
+    assert!([&d, &e, &f]
+        .iter()
+        .all(|i| matches!(i.handle, Handle::Fd(_))));
+    assert_eq!(st.st_nlink, 1);
+    assert_eq!((s.counts().fds, entries(&work)), (4, 0));
 }

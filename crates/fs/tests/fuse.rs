@@ -1,0 +1,548 @@
+//! The virtio-fs device driven over its vhost-user socket by the project's frontend, as the guest
+//! kernel would: the sandbox cases, malformed messages, forget, and the link bookkeeping.
+
+use std::ffi::CStr;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use vsnap_frontend::fs::{in_header, Fuse, Reply, BUF_LEN, IN_HEADER_LEN};
+use vsnap_fs::abi::{opcode::*, *};
+use vsnap_fs::device::{FsBackend, FsOptions};
+use vsnap_fs::passthrough::{FsConfig, Passthrough};
+use vsnap_fs::server::Server;
+use vsnap_vhost::{serve, Stopper};
+use zerocopy::{FromBytes, IntoBytes};
+
+const ROOT: u64 = 1;
+
+struct Dev {
+    dir: tempfile::TempDir,
+    share: PathBuf,
+    sock: PathBuf,
+    backend: Arc<FsBackend>,
+    stopper: Stopper,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Dev {
+    fn start(cfg: FsConfig) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let share = dir.path().join("share");
+        std::fs::create_dir(&share).unwrap();
+        std::fs::write(share.join("file"), b"0123456789").unwrap();
+        std::fs::create_dir(share.join("sub")).unwrap();
+        // Outside the share: nothing may reach it.
+        std::fs::write(dir.path().join("secret"), b"host secret").unwrap();
+        std::os::unix::fs::symlink(dir.path().join("secret"), share.join("abs-escape")).unwrap();
+        std::os::unix::fs::symlink("../secret", share.join("rel-escape")).unwrap();
+        let fs = Passthrough::new(&share, &share.join(".vsnap-workdir"), cfg).unwrap();
+        let backend =
+            Arc::new(FsBackend::new(Arc::new(Server::new(fs)), FsOptions::default()).unwrap());
+        let sock = dir.path().join("fs.sock");
+        let stopper = Stopper::new();
+        let thread = {
+            let (b, s, st) = (backend.clone(), sock.clone(), stopper.clone());
+            std::thread::spawn(move || serve(b, &s, &st).unwrap())
+        };
+        while !sock.exists() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Dev {
+            dir,
+            share,
+            sock,
+            backend,
+            stopper,
+            thread: Some(thread),
+        }
+    }
+
+    /// A connected client past FUSE INIT.
+    fn client(&self) -> Fuse {
+        let mut f = Fuse::connect(&self.sock).unwrap();
+        let init = InitIn {
+            major: 7,
+            minor: 38,
+            max_readahead: 1 << 17,
+            flags: u32::MAX,
+            ..InitIn::default()
+        };
+        let r = f.call(INIT, 0, &[init.as_bytes()]);
+        assert_eq!(r.error, 0);
+        let out = InitOut::read_from_prefix(&r.body).unwrap().0;
+        assert_eq!((out.major, out.max_write), (7, 1 << 20));
+        f
+    }
+
+    fn workdir_links(&self) -> usize {
+        std::fs::read_dir(self.share.join(".vsnap-workdir"))
+            .unwrap()
+            .count()
+    }
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        self.stopper.stop();
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+    }
+}
+
+fn name(s: &str) -> Vec<u8> {
+    let mut v = s.as_bytes().to_vec();
+    v.push(0);
+    v
+}
+
+fn entry(r: &Reply) -> EntryOut {
+    assert_eq!(r.error, 0, "request failed with errno {}", -r.error);
+    EntryOut::read_from_prefix(&r.body).unwrap().0
+}
+
+fn lookup(f: &mut Fuse, parent: u64, n: &str) -> Reply {
+    f.call(LOOKUP, parent, &[&name(n)])
+}
+
+fn open(f: &mut Fuse, node: u64, flags: i32) -> Reply {
+    f.call(
+        OPEN,
+        node,
+        &[OpenIn {
+            flags: flags as u32,
+            open_flags: 0,
+        }
+        .as_bytes()],
+    )
+}
+
+fn fh(r: &Reply) -> u64 {
+    assert_eq!(r.error, 0, "open failed with errno {}", -r.error);
+    OpenOut::read_from_prefix(&r.body).unwrap().0.fh
+}
+
+fn read(f: &mut Fuse, node: u64, fh: u64, size: u32) -> Reply {
+    f.call(
+        READ,
+        node,
+        &[ReadIn {
+            fh,
+            offset: 0,
+            size,
+            ..ReadIn::default()
+        }
+        .as_bytes()],
+    )
+}
+
+fn create(f: &mut Fuse, parent: u64, n: &str) -> Reply {
+    let c = CreateIn {
+        flags: libc::O_RDWR as u32,
+        mode: 0o644,
+        ..CreateIn::default()
+    };
+    f.call(CREATE, parent, &[c.as_bytes(), &name(n)])
+}
+
+fn readdir_names(f: &mut Fuse, node: u64) -> Vec<String> {
+    let h = fh(&f.call(OPENDIR, node, &[OpenIn::default().as_bytes()]));
+    let r = f.call(
+        READDIR,
+        node,
+        &[ReadIn {
+            fh: h,
+            size: 65536,
+            ..ReadIn::default()
+        }
+        .as_bytes()],
+    );
+    assert_eq!(r.error, 0);
+    let mut names = Vec::new();
+    let mut b = &r.body[..];
+    while !b.is_empty() {
+        let d = Dirent::read_from_prefix(b).unwrap().0;
+        let n = &b[24..24 + d.namelen as usize];
+        names.push(String::from_utf8(n.to_vec()).unwrap());
+        b = &b[dirent_size(d.namelen as usize)..];
+    }
+    f.call(
+        RELEASEDIR,
+        node,
+        &[ReleaseIn {
+            fh: h,
+            ..ReleaseIn::default()
+        }
+        .as_bytes()],
+    );
+    names.sort();
+    names
+}
+
+#[test]
+fn files_round_trip_and_links_follow_lookups() {
+    let dev = Dev::start(FsConfig::default());
+    let mut f = dev.client();
+    let e = entry(&lookup(&mut f, ROOT, "file"));
+    assert_eq!(
+        (e.attr.size, e.attr.nlink),
+        (10, 1),
+        "our link is not counted"
+    );
+    assert_eq!(dev.workdir_links(), 1);
+    let h = fh(&open(&mut f, e.nodeid, libc::O_RDONLY));
+    assert_eq!(read(&mut f, e.nodeid, h, 100).body, b"0123456789");
+
+    let c = create(&mut f, ROOT, "new");
+    let ne = entry(&c);
+    let nh = OpenOut::read_from_prefix(&c.body[size_of::<EntryOut>()..])
+        .unwrap()
+        .0
+        .fh;
+    let w = ReadIn {
+        fh: nh,
+        offset: 0,
+        size: 5,
+        ..ReadIn::default()
+    };
+    let r = f.call(WRITE, ne.nodeid, &[w.as_bytes(), b"hello"]);
+    assert_eq!(WriteOut::read_from_prefix(&r.body).unwrap().0.size, 5);
+    assert_eq!(std::fs::read(dev.share.join("new")).unwrap(), b"hello");
+
+    // A hard link made by the guest counts; ours does not.
+    let l = entry(
+        &f.call(
+            LINK,
+            ROOT,
+            &[
+                LinkIn {
+                    oldnodeid: ne.nodeid,
+                }
+                .as_bytes(),
+                &name("new2"),
+            ],
+        ),
+    );
+    assert_eq!((l.nodeid, l.attr.nlink), (ne.nodeid, 2));
+    assert_eq!(std::fs::metadata(dev.share.join("new")).unwrap().nlink(), 3);
+
+    // Unlinked while open: still readable through the handle, still held by our link.
+    assert_eq!(f.call(UNLINK, ROOT, &[&name("file")]).error, 0);
+    assert_eq!(read(&mut f, e.nodeid, h, 100).body, b"0123456789");
+    let a = f.call(GETATTR, e.nodeid, &[GetattrIn::default().as_bytes()]);
+    assert_eq!(AttrOut::read_from_prefix(&a.body).unwrap().0.attr.nlink, 0);
+
+    // FORGET drops links: the lookup of "file" once, "new" via create and link (2 lookups).
+    assert_eq!(dev.workdir_links(), 2);
+    f.forget(FORGET, e.nodeid, ForgetIn { nlookup: 1 }.as_bytes());
+    let batch = [
+        BatchForgetIn { count: 1, dummy: 0 }.as_bytes(),
+        ForgetOne {
+            nodeid: ne.nodeid,
+            nlookup: 1,
+        }
+        .as_bytes(),
+    ]
+    .concat();
+    f.forget(BATCH_FORGET, 0, &batch);
+    // Forgets have no reply; a request after them is served after them on the same device.
+    entry(&lookup(&mut f, ROOT, "sub"));
+    assert_eq!(dev.workdir_links(), 1, "one lookup of new left");
+    f.forget(FORGET, ne.nodeid, ForgetIn { nlookup: 1 }.as_bytes());
+    entry(&lookup(&mut f, ROOT, "sub"));
+    assert_eq!(dev.workdir_links(), 0);
+    assert_eq!(
+        dev.backend
+            .faults
+            .total
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+}
+
+#[test]
+fn nothing_outside_the_share_is_reachable() {
+    let dev = Dev::start(FsConfig {
+        xattr: true,
+        ..FsConfig::default()
+    });
+    let mut f = dev.client();
+    let secret = dev.dir.path().join("secret");
+    let secret_mode = std::fs::metadata(&secret).unwrap().permissions().mode();
+    for bad in ["..", ".", "", "a/b", "../secret", "/etc/passwd"] {
+        assert_eq!(
+            lookup(&mut f, ROOT, bad).error,
+            -libc::EINVAL,
+            "lookup {bad:?}"
+        );
+        assert_eq!(
+            create(&mut f, ROOT, bad).error,
+            -libc::EINVAL,
+            "create {bad:?}"
+        );
+        let mk = f.call(
+            MKDIR,
+            ROOT,
+            &[
+                MkdirIn {
+                    mode: 0o755,
+                    umask: 0,
+                }
+                .as_bytes(),
+                &name(bad),
+            ],
+        );
+        assert_eq!(mk.error, -libc::EINVAL, "mkdir {bad:?}");
+    }
+    let rn = f.call(
+        RENAME,
+        ROOT,
+        &[
+            RenameIn { newdir: ROOT }.as_bytes(),
+            &name("file"),
+            &name("../moved"),
+        ],
+    );
+    assert_eq!(rn.error, -libc::EINVAL);
+
+    // Symlinks are looked up as symlinks, never followed on the host.
+    for link in ["abs-escape", "rel-escape"] {
+        let e = entry(&lookup(&mut f, ROOT, link));
+        assert_eq!(e.attr.mode & libc::S_IFMT, libc::S_IFLNK);
+        assert_eq!(open(&mut f, e.nodeid, libc::O_RDONLY).error, -libc::ELOOP);
+        // chmod through a symlink would change the target: refused, target untouched.
+        let s = SetattrIn {
+            valid: fattr::MODE,
+            mode: 0o777,
+            ..SetattrIn::default()
+        };
+        assert_ne!(f.call(SETATTR, e.nodeid, &[s.as_bytes()]).error, 0);
+        let s = SetattrIn {
+            valid: fattr::SIZE,
+            size: 0,
+            ..SetattrIn::default()
+        };
+        assert_ne!(f.call(SETATTR, e.nodeid, &[s.as_bytes()]).error, 0);
+        let x = SetxattrIn { size: 1, flags: 0 };
+        assert_ne!(
+            f.call(SETXATTR, e.nodeid, &[x.as_bytes(), &name("user.x"), b"1"])
+                .error,
+            0
+        );
+        // Creating over the symlink's name does not write through it.
+        let c = CreateIn {
+            flags: (libc::O_RDWR | libc::O_TRUNC) as u32,
+            mode: 0o644,
+            ..CreateIn::default()
+        };
+        assert_ne!(f.call(CREATE, ROOT, &[c.as_bytes(), &name(link)]).error, 0);
+        let d = f.call(
+            MKDIR,
+            e.nodeid,
+            &[
+                MkdirIn {
+                    mode: 0o755,
+                    umask: 0,
+                }
+                .as_bytes(),
+                &name("x"),
+            ],
+        );
+        assert_eq!(d.error, -libc::ENOTDIR, "a symlink is no directory");
+    }
+    assert_eq!(std::fs::read(&secret).unwrap(), b"host secret");
+    assert_eq!(
+        std::fs::metadata(&secret).unwrap().permissions().mode(),
+        secret_mode
+    );
+
+    // The workdir is invisible and untouchable.
+    assert!(!readdir_names(&mut f, ROOT)
+        .iter()
+        .any(|n| n.contains("vsnap")));
+    assert_eq!(lookup(&mut f, ROOT, ".vsnap-workdir").error, -libc::ENOENT);
+    let mk = f.call(
+        MKDIR,
+        ROOT,
+        &[
+            MkdirIn {
+                mode: 0o755,
+                umask: 0,
+            }
+            .as_bytes(),
+            &name(".vsnap-workdir"),
+        ],
+    );
+    assert_eq!(mk.error, -libc::EACCES);
+    let sub = entry(&lookup(&mut f, ROOT, "sub"));
+    let rn = f.call(
+        RENAME,
+        sub.nodeid,
+        &[
+            RenameIn { newdir: ROOT }.as_bytes(),
+            &name("x"),
+            &name(".vsnap-workdir"),
+        ],
+    );
+    assert_eq!(rn.error, -libc::EACCES);
+    assert_eq!(
+        f.call(RMDIR, ROOT, &[&name(".vsnap-workdir")]).error,
+        -libc::EACCES
+    );
+    // Special files are never opened on the host.
+    let fifo = entry(
+        &f.call(
+            MKNOD,
+            ROOT,
+            &[
+                MknodIn {
+                    mode: libc::S_IFIFO | 0o644,
+                    ..MknodIn::default()
+                }
+                .as_bytes(),
+                &name("fifo"),
+            ],
+        ),
+    );
+    assert_eq!(
+        open(&mut f, fifo.nodeid, libc::O_RDONLY).error,
+        -libc::ENXIO
+    );
+}
+
+#[test]
+fn malformed_messages_get_errors_and_the_device_keeps_serving() {
+    let dev = Dev::start(FsConfig::default());
+    let mut f = Fuse::connect(&dev.sock).unwrap();
+    // Before INIT, nothing but INIT.
+    assert_eq!(lookup(&mut f, ROOT, "file").error, -libc::EIO);
+    drop(f);
+    let mut f = dev.client();
+    let file = entry(&lookup(&mut f, ROOT, "file")).nodeid;
+
+    // Shorter than a header: no unique to answer, completed with length 0.
+    assert_eq!(f.send_raw(1, &[1, 2, 3], BUF_LEN).used, 0);
+    // A header whose length lies.
+    let mut m = in_header(1000, LOOKUP, 77, ROOT, 0, 0);
+    m.extend_from_slice(b"file\0");
+    let r = f.send_raw(1, &m, BUF_LEN);
+    assert_eq!((r.unique, r.error), (77, -libc::EINVAL));
+    // Truncated arguments, an unterminated name.
+    let r = f.call(SETATTR, file, &[&[0u8; 10]]);
+    assert_eq!(r.error, -libc::EINVAL);
+    let r = f.call(LOOKUP, ROOT, &[b"file"]);
+    assert_eq!(r.error, -libc::EINVAL);
+    // Unknown and unsupported opcodes.
+    assert_eq!(f.call(4242, ROOT, &[]).error, -libc::ENOSYS);
+    assert_eq!(f.call(GETLK, file, &[&[0u8; 64]]).error, -libc::ENOSYS);
+    // Unknown node ids and file handles.
+    assert_eq!(
+        f.call(GETATTR, 999_999, &[GetattrIn::default().as_bytes()])
+            .error,
+        -libc::ENOENT
+    );
+    assert_eq!(lookup(&mut f, 999_999, "x").error, -libc::ENOENT);
+    assert_eq!(read(&mut f, file, 12345, 10).error, -libc::EBADF);
+    let rel = ReleaseIn {
+        fh: 12345,
+        ..ReleaseIn::default()
+    };
+    assert_eq!(f.call(RELEASE, file, &[rel.as_bytes()]).error, -libc::EBADF);
+    // Reading a directory handle as another node's directory.
+    let h = fh(&f.call(OPENDIR, ROOT, &[OpenIn::default().as_bytes()]));
+    let r = f.call(
+        READDIR,
+        file,
+        &[ReadIn {
+            fh: h,
+            size: 4096,
+            ..ReadIn::default()
+        }
+        .as_bytes()],
+    );
+    assert_eq!(r.error, -libc::EBADF);
+    // A reply larger than the guest's buffer: completed with length 0, not written past it.
+    let mut m = in_header((IN_HEADER_LEN + 8) as u32, GETATTR, 78, file, 0, 0);
+    m.extend_from_slice(&[0u8; 16]);
+    m.truncate(IN_HEADER_LEN + 16);
+    m[0..4].copy_from_slice(&((IN_HEADER_LEN + 16) as u32).to_le_bytes());
+    assert_eq!(f.send_raw(1, &m, 20).used, 0);
+    // Forgetting what was never looked up is harmless.
+    f.forget(FORGET, 999_999, ForgetIn { nlookup: 5 }.as_bytes());
+    f.forget(
+        BATCH_FORGET,
+        0,
+        BatchForgetIn {
+            count: 1000,
+            dummy: 0,
+        }
+        .as_bytes(),
+    );
+
+    // Still serving, and every fault was counted.
+    let h = fh(&open(&mut f, file, libc::O_RDONLY));
+    assert_eq!(read(&mut f, file, h, 4).body, b"0123");
+    assert!(
+        dev.backend
+            .faults
+            .total
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 6
+    );
+}
+
+#[test]
+fn readdirplus_counts_lookups_and_hides_the_workdir() {
+    let dev = Dev::start(FsConfig::default());
+    for i in 0..50 {
+        std::fs::write(dev.share.join("sub").join(format!("f{i:02}")), b"x").unwrap();
+    }
+    let mut f = dev.client();
+    let sub = entry(&lookup(&mut f, ROOT, "sub")).nodeid;
+    let h = fh(&f.call(OPENDIR, sub, &[OpenIn::default().as_bytes()]));
+    // Small buffers: the listing continues from each reply's last offset.
+    let (mut offset, mut seen) = (0u64, Vec::new());
+    loop {
+        let r = f.call(
+            READDIRPLUS,
+            sub,
+            &[ReadIn {
+                fh: h,
+                offset,
+                size: 1024,
+                ..ReadIn::default()
+            }
+            .as_bytes()],
+        );
+        assert_eq!(r.error, 0);
+        if r.body.is_empty() {
+            break;
+        }
+        let mut b = &r.body[..];
+        while !b.is_empty() {
+            let e = EntryOut::read_from_prefix(b).unwrap().0;
+            let d = Dirent::read_from_prefix(&b[size_of::<EntryOut>()..])
+                .unwrap()
+                .0;
+            let n = &b[size_of::<EntryOut>() + 24..][..d.namelen as usize];
+            let n = CStr::from_bytes_with_nul(&[n, b"\0"].concat())
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_string();
+            if n != "." && n != ".." {
+                assert_ne!(e.nodeid, 0, "{n} has attributes");
+            }
+            seen.push(n);
+            offset = d.off;
+            b = &b[size_of::<EntryOut>() + dirent_size(d.namelen as usize)..];
+        }
+    }
+    assert_eq!(seen.len(), 52, "every entry exactly once: {seen:?}");
+    assert_eq!(dev.workdir_links(), 50, "each listed file was looked up");
+    let root = readdir_names(&mut f, ROOT);
+    assert_eq!(root, [".", "..", "abs-escape", "file", "rel-escape", "sub"]);
+}
