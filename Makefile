@@ -36,10 +36,12 @@ lint:
 fmt:
 	$(CARGO) fmt --all
 
-# Block-layer micro benchmarks, then vsnap vs qemu-storage-daemon through the same frontend.
+# Block-layer micro benchmarks, then vsnap vs qemu-storage-daemon and vsnap fs vs virtiofsd
+# through the project's own frontends.
 bench:
 	$(CARGO) bench -p vsnap-block --bench block
 	bench/blk.sh
+	bench/fs.sh
 
 # Diff economy: every workload x ext4 knob in a real guest (docs/diff-economy.md), ~15 min.
 economy:

@@ -27,7 +27,8 @@ else
     *) echo "unknown workload $WORKLOAD"; exit 2 ;;
   esac
 fi
-[ "$TRIM" = fstrim ] && fstrim /mnt
+# fstrim only sees blocks whose freeing the journal has committed: sync first.
+[ "$TRIM" = fstrim ] && sync && fstrim /mnt
 [ "$SYNC" = sync ] && sync
 say READY
 await CUT

@@ -7,15 +7,15 @@ rows = list(csv.DictReader(sys.stdin, delimiter="\t"))
 mib = lambda b: f"{int(b) / (1 << 20):.2f}"
 
 
-def ratio(a, b):
+def ratio(a, b, digits=2):
     a, b = int(a), int(b)
-    return "n/a" if b == 0 else f"{a / b:.2f}"
+    return "n/a" if b == 0 else f"{a / b:.{digits}f}"
 
 
 print("| workload / knob | vsnap diff data MiB | minimum MiB | vsnap ÷ min | dirty blk | zero blk "
       "| plain dirty bitmap MiB | vsnap ÷ plain | whole-block zeros MiB | vsnap ÷ whole-block |")
 print("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
 for r in rows:
-    print(f"| {r['row']} | {mib(r['diff_data'])} | {mib(r['min_data'])} | {ratio(r['diff_data'], r['min_data'])} "
+    print(f"| {r['row']} | {mib(r['diff_data'])} | {mib(r['min_data'])} | {ratio(r['diff_data'], r['min_data'], 3)} "
           f"| {r['dirty']} | {r['zero']} | {mib(r['plain_dirty'])} | {ratio(r['diff_data'], r['plain_dirty'])} "
           f"| {mib(r['aligned_zero'])} | {ratio(r['diff_data'], r['aligned_zero'])} |")

@@ -126,3 +126,135 @@ impl Fuse {
         self.send_raw(0, &msg, 0).used
     }
 }
+
+/// The opcodes the convenience calls below use (Linux `fuse.h`).
+pub mod op {
+    pub const LOOKUP: u32 = 1;
+    pub const FORGET: u32 = 2;
+    pub const GETATTR: u32 = 3;
+    pub const UNLINK: u32 = 10;
+    pub const OPEN: u32 = 14;
+    pub const READ: u32 = 15;
+    pub const WRITE: u32 = 16;
+    pub const RELEASE: u32 = 18;
+    pub const INIT: u32 = 26;
+    pub const CREATE: u32 = 35;
+    pub const BATCH_FORGET: u32 = 42;
+}
+
+fn cname(name: &str) -> Vec<u8> {
+    let mut v = name.as_bytes().to_vec();
+    v.push(0);
+    v
+}
+
+fn le64(b: &[u8], at: usize) -> u64 {
+    b.get(at..at + 8)
+        .map(|s| u64::from_le_bytes(s.try_into().expect("8 bytes")))
+        .unwrap_or(0)
+}
+
+/// Well-formed calls for benchmarks; each returns the errno (negative) as `Err`.
+impl Fuse {
+    fn ok(r: Reply) -> std::result::Result<Reply, i32> {
+        if r.error == 0 {
+            Ok(r)
+        } else {
+            Err(r.error)
+        }
+    }
+
+    /// FUSE INIT as a 7.38 guest offering every flag.
+    pub fn init(&mut self) -> std::result::Result<(), i32> {
+        let mut a = vec![0u8; 64];
+        a[0..4].copy_from_slice(&7u32.to_le_bytes());
+        a[4..8].copy_from_slice(&38u32.to_le_bytes());
+        a[8..12].copy_from_slice(&(128u32 << 10).to_le_bytes());
+        a[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
+        Self::ok(self.call(op::INIT, 0, &[&a])).map(|_| ())
+    }
+
+    /// LOOKUP: the node id.
+    pub fn lookup(&mut self, parent: u64, name: &str) -> std::result::Result<u64, i32> {
+        Self::ok(self.call(op::LOOKUP, parent, &[&cname(name)])).map(|r| le64(&r.body, 0))
+    }
+
+    pub fn getattr(&mut self, node: u64) -> std::result::Result<(), i32> {
+        Self::ok(self.call(op::GETATTR, node, &[&[0u8; 16]])).map(|_| ())
+    }
+
+    /// OPEN: the file handle.
+    pub fn open(&mut self, node: u64, flags: u32) -> std::result::Result<u64, i32> {
+        let mut a = [0u8; 8];
+        a[0..4].copy_from_slice(&flags.to_le_bytes());
+        Self::ok(self.call(op::OPEN, node, &[&a])).map(|r| le64(&r.body, 0))
+    }
+
+    /// CREATE (mode 0644): (node id, file handle).
+    pub fn create(
+        &mut self,
+        parent: u64,
+        name: &str,
+        flags: u32,
+    ) -> std::result::Result<(u64, u64), i32> {
+        let mut a = [0u8; 16];
+        a[0..4].copy_from_slice(&flags.to_le_bytes());
+        a[4..8].copy_from_slice(&0o100644u32.to_le_bytes());
+        Self::ok(self.call(op::CREATE, parent, &[&a, &cname(name)]))
+            .map(|r| (le64(&r.body, 0), le64(&r.body, 128)))
+    }
+
+    pub fn release(&mut self, node: u64, fh: u64) -> std::result::Result<(), i32> {
+        let mut a = [0u8; 24];
+        a[0..8].copy_from_slice(&fh.to_le_bytes());
+        Self::ok(self.call(op::RELEASE, node, &[&a])).map(|_| ())
+    }
+
+    pub fn unlink(&mut self, parent: u64, name: &str) -> std::result::Result<(), i32> {
+        Self::ok(self.call(op::UNLINK, parent, &[&cname(name)])).map(|_| ())
+    }
+
+    fn rw_in(fh: u64, offset: u64, size: u32) -> [u8; 40] {
+        let mut a = [0u8; 40];
+        a[0..8].copy_from_slice(&fh.to_le_bytes());
+        a[8..16].copy_from_slice(&offset.to_le_bytes());
+        a[16..20].copy_from_slice(&size.to_le_bytes());
+        a
+    }
+
+    /// READ: the bytes read.
+    pub fn read(
+        &mut self,
+        node: u64,
+        fh: u64,
+        offset: u64,
+        size: u32,
+    ) -> std::result::Result<usize, i32> {
+        Self::ok(self.call(op::READ, node, &[&Self::rw_in(fh, offset, size)])).map(|r| r.body.len())
+    }
+
+    pub fn write(
+        &mut self,
+        node: u64,
+        fh: u64,
+        offset: u64,
+        data: &[u8],
+    ) -> std::result::Result<(), i32> {
+        let a = Self::rw_in(fh, offset, data.len() as u32);
+        Self::ok(self.call(op::WRITE, node, &[&a, data])).map(|_| ())
+    }
+
+    /// BATCH_FORGET of `(node, nlookup)` pairs on the hiprio queue.
+    pub fn batch_forget(&mut self, items: &[(u64, u64)]) {
+        for chunk in items.chunks(4096) {
+            let mut a = Vec::with_capacity(8 + 16 * chunk.len());
+            a.extend_from_slice(&(chunk.len() as u32).to_le_bytes());
+            a.extend_from_slice(&0u32.to_le_bytes());
+            for (n, k) in chunk {
+                a.extend_from_slice(&n.to_le_bytes());
+                a.extend_from_slice(&k.to_le_bytes());
+            }
+            self.forget(op::BATCH_FORGET, 0, &a);
+        }
+    }
+}

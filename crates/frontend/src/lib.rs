@@ -5,6 +5,7 @@
 
 pub mod blk;
 pub mod fs;
+pub mod procstat;
 
 use std::collections::HashMap;
 use std::fs::File;

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, ValueEnum};
 use serde::Serialize;
 use vsnap_frontend::blk::{self, place, Bufs, Layout};
+use vsnap_frontend::procstat::cpu_seconds;
 use vsnap_frontend::{Frontend, GuestMem, Queue, Setup};
 
 #[derive(Clone, Copy, Debug, ValueEnum, Serialize, PartialEq)]
@@ -66,17 +67,6 @@ struct Report {
     lat_p99_us: f64,
     backend_cpu_s: Option<f64>,
     backend_cpu_us_per_io: Option<f64>,
-}
-
-fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Some(ticks as f64 / hz)
 }
 
 struct Rng(u64);

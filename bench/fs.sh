@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# vsnap fs vs virtiofsd in the same run, through the project's FUSE frontend (vsnap-fsbench):
+# fds and RSS holding 100,000 looked-up files, first-lookup, getattr and path-lookup cost by
+# depth, create/unlink, 4k and 128k reads and writes. Prints a Markdown table; the JSON lines
+# land in target/fsbench/results.jsonl.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+out="$repo/target/fsbench"
+mkdir -p "$out"
+cargo build -q --release --bin vsnap -p vsnap --manifest-path "$repo/Cargo.toml"
+cargo build -q --release --bin vsnap-fsbench --manifest-path "$repo/Cargo.toml"
+vsnap="$repo/target/release/vsnap" fsbench="$repo/target/release/vsnap-fsbench"
+virtiofsd=$(command -v virtiofsd || echo "$repo/target/virtiofsd/bin/virtiofsd")
+if [ ! -x "$virtiofsd" ]; then
+  echo "fs bench: installing virtiofsd (cargo install; needs libseccomp-dev libcap-ng-dev)" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libseccomp-dev libcap-ng-dev >/dev/null
+  cargo install -q virtiofsd --root "$repo/target/virtiofsd"
+  virtiofsd="$repo/target/virtiofsd/bin/virtiofsd"
+fi
+share="$out/share"
+if [ ! -f "$share/.complete" ]; then
+  rm -rf "$share"; mkdir -p "$share"
+  python3 - "$share" <<'PY'
+import os, sys
+root = sys.argv[1]
+for d in range(100):
+    p = os.path.join(root, "many", f"d{d}")
+    os.makedirs(p)
+    for i in range(1000):
+        open(os.path.join(p, f"f{i}"), "wb").close()
+os.makedirs(os.path.join(root, "deep", *[f"c{i}" for i in range(1, 64)]))
+with open(os.path.join(root, "data.bin"), "wb") as f:
+    f.write(os.urandom(64 << 20))
+open(os.path.join(root, ".complete"), "w").close()
+PY
+fi
+results="$out/results.jsonl"
+: > "$results"
+run() { # LABEL CMD...
+  local label=$1; shift
+  local sock="$out/fs.sock"
+  rm -f "$sock"
+  "$@" > "$out/$label.log" 2>&1 &
+  local pid=$!
+  for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.1; done
+  echo "fs bench: $label" >&2
+  "$fsbench" --socket "$sock" --pid "$pid" --label "$label" >> "$results"
+  kill -TERM "$pid"; wait "$pid" || true
+}
+run vsnap-workdir "$vsnap" fs --socket-path "$out/fs.sock" --shared-dir "$share" --sandbox none
+run vsnap-fd "$vsnap" fs --socket-path "$out/fs.sock" --shared-dir "$share" --sandbox none --inode-store fd
+run virtiofsd-fd "$virtiofsd" --socket-path "$out/fs.sock" --shared-dir "$share" --sandbox none --inode-file-handles never
+run virtiofsd-handles "$virtiofsd" --socket-path "$out/fs.sock" --shared-dir "$share" --sandbox none --inode-file-handles prefer
+"$virtiofsd" --version | head -1 >&2
+python3 "$repo/bench/fs-table.py" < "$results"
