@@ -7,8 +7,7 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 out="$repo/target/fsbench"
 mkdir -p "$out"
-cargo build -q --release --bin vsnap -p vsnap --manifest-path "$repo/Cargo.toml"
-cargo build -q --release --bin vsnap-fsbench --manifest-path "$repo/Cargo.toml"
+(cd "$repo" && cargo build -q --release --bin vsnap && cargo build -q --release -p vsnap-frontend --bin vsnap-fsbench)
 vsnap="$repo/target/release/vsnap" fsbench="$repo/target/release/vsnap-fsbench"
 virtiofsd=$(command -v virtiofsd || echo "$repo/target/virtiofsd/bin/virtiofsd")
 if [ ! -x "$virtiofsd" ]; then
@@ -36,20 +35,22 @@ PY
 fi
 results="$out/results.jsonl"
 : > "$results"
-run() { # LABEL CMD...
+run() { # LABEL CMD...: each phase against a fresh daemon
   local label=$1; shift
-  local sock="$out/fs.sock"
-  rm -f "$sock"
-  "$@" > "$out/$label.log" 2>&1 &
-  local pid=$!
-  for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.1; done
-  echo "fs bench: $label" >&2
-  "$fsbench" --socket "$sock" --pid "$pid" --label "$label" >> "$results"
-  kill -TERM "$pid"; wait "$pid" || true
+  local sock="$out/fs.sock" phase pid
+  for phase in hold ops; do
+    rm -f "$sock"
+    "$@" > "$out/$label-$phase.log" 2>&1 &
+    pid=$!
+    for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.1; done
+    echo "fs bench: $label $phase" >&2
+    "$fsbench" --socket "$sock" --pid "$pid" --label "$label" --phase "$phase" >> "$results"
+    kill -TERM "$pid"; wait "$pid" || true
+  done
 }
 run vsnap-workdir "$vsnap" fs --socket-path "$out/fs.sock" --shared-dir "$share" --sandbox none
 run vsnap-fd "$vsnap" fs --socket-path "$out/fs.sock" --shared-dir "$share" --sandbox none --inode-store fd
-run virtiofsd-fd "$virtiofsd" --socket-path "$out/fs.sock" --shared-dir "$share" --sandbox none --inode-file-handles never
-run virtiofsd-handles "$virtiofsd" --socket-path "$out/fs.sock" --shared-dir "$share" --sandbox none --inode-file-handles prefer
+run virtiofsd-fd "$virtiofsd" --socket-path "$out/fs.sock" --shared-dir "$share" --sandbox none --inode-file-handles=never
+run virtiofsd-handles "$virtiofsd" --socket-path "$out/fs.sock" --shared-dir "$share" --sandbox none --inode-file-handles=prefer
 "$virtiofsd" --version | head -1 >&2
 python3 "$repo/bench/fs-table.py" < "$results"

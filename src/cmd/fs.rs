@@ -12,7 +12,7 @@ use vsnap_fs::device::{FsBackend, FsOptions, TAG_LEN};
 use vsnap_fs::inode_store::StoreMode;
 use vsnap_fs::passthrough::{CacheMode, FsConfig, Passthrough};
 use vsnap_fs::server::Server;
-use vsnap_vhost::{serve, serve_listener, Stopper};
+use vsnap_vhost::{serve_listener, Stopper};
 
 #[derive(Args)]
 pub struct FsArgs {
@@ -66,6 +66,56 @@ pub struct FsArgs {
     /// Maximum virtqueue size.
     #[arg(long, default_value_t = 1024)]
     queue_size: u16,
+    /// Open-file limit to set; 0 leaves it alone [default: min(1,000,000, fs.nr_open) as root,
+    /// the hard limit otherwise]. Open guest files (and, with `--inode-store fd`, every inode)
+    /// take an fd each.
+    #[arg(long)]
+    rlimit_nofile: Option<u64>,
+}
+
+/// Raises RLIMIT_NOFILE like virtiofsd does.
+fn raise_nofile(want: Option<u64>, root: bool) -> anyhow::Result<()> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid out pointer.
+    cvt(
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) },
+        "getrlimit",
+    )?;
+    let target = match want {
+        Some(0) => return Ok(()),
+        Some(n) => n,
+        None if root => std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(1 << 20)
+            .min(1_000_000),
+        None => lim.rlim_max,
+    };
+    let new = libc::rlimit {
+        rlim_cur: target,
+        rlim_max: target.max(lim.rlim_max),
+    };
+    // SAFETY: valid pointer.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &new) } == 0 {
+        return Ok(());
+    }
+    // Without CAP_SYS_RESOURCE the hard limit cannot rise: take what it allows.
+    let soft = libc::rlimit {
+        rlim_cur: target.min(lim.rlim_max),
+        rlim_max: lim.rlim_max,
+    };
+    tracing::info!(
+        limit = soft.rlim_cur,
+        "open-file limit capped by the hard limit"
+    );
+    // SAFETY: valid pointer.
+    cvt(
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &soft) },
+        "raise the open-file limit",
+    )
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -170,10 +220,11 @@ pub fn run(a: FsArgs) -> anyhow::Result<()> {
             StoreArg::Fd => StoreMode::Fd,
         },
     };
-    let fs = Passthrough::new(&shared, &workdir, cfg)
-        .with_context(|| format!("serve {}", shared.display()))?;
     // SAFETY: plain syscall.
     let root = unsafe { libc::geteuid() } == 0;
+    raise_nofile(a.rlimit_nofile, root)?;
+    let fs = Passthrough::new(&shared, &workdir, cfg)
+        .with_context(|| format!("serve {}", shared.display()))?;
     let kind = a.sandbox.unwrap_or(if root {
         SandboxArg::Namespace
     } else {
@@ -209,14 +260,11 @@ pub fn run(a: FsArgs) -> anyhow::Result<()> {
             }
         });
     }
-    let served = match &a.socket_path {
-        // Outside a chroot the path is still reachable: let serve() rebind and clean it up.
-        Some(p) if kind == SandboxArg::None => {
-            drop(listener);
-            serve(backend.clone(), p, &stopper)
-        }
-        _ => serve_listener(backend.clone(), listener, &stopper),
-    };
+    let served = serve_listener(backend.clone(), listener, &stopper);
+    // Inside a chroot the socket's path is out of reach; the next start replaces it.
+    if let (Some(p), SandboxArg::None) = (&a.socket_path, kind) {
+        let _ = std::fs::remove_file(p);
+    }
     // Dropping the server empties the workdir.
     drop(backend);
     served.map_err(|e| anyhow::anyhow!("{e}"))

@@ -106,13 +106,19 @@ impl Fuse {
 
     /// A well-formed request on the request queue: header + `args` concatenated.
     pub fn call(&mut self, opcode: u32, nodeid: u64, args: &[&[u8]]) -> Reply {
+        self.call_cap(opcode, nodeid, args, BUF_LEN)
+    }
+
+    /// [`Fuse::call`] with `reply_cap` writable bytes. The Linux driver sizes the reply buffer
+    /// of a READ to the bytes asked for, and virtiofsd relies on it.
+    pub fn call_cap(&mut self, opcode: u32, nodeid: u64, args: &[&[u8]], reply_cap: u32) -> Reply {
         let len = IN_HEADER_LEN + args.iter().map(|a| a.len()).sum::<usize>();
         let unique = self.next_unique();
         let mut msg = in_header(len as u32, opcode, unique, nodeid, self.uid, self.gid);
         for a in args {
             msg.extend_from_slice(a);
         }
-        let r = self.send_raw(1, &msg, BUF_LEN);
+        let r = self.send_raw(1, &msg, reply_cap);
         assert_eq!(r.unique, unique, "reply to another request");
         r
     }
@@ -230,7 +236,9 @@ impl Fuse {
         offset: u64,
         size: u32,
     ) -> std::result::Result<usize, i32> {
-        Self::ok(self.call(op::READ, node, &[&Self::rw_in(fh, offset, size)])).map(|r| r.body.len())
+        let cap = OUT_HEADER_LEN as u32 + size;
+        Self::ok(self.call_cap(op::READ, node, &[&Self::rw_in(fh, offset, size)], cap))
+            .map(|r| r.body.len())
     }
 
     pub fn write(

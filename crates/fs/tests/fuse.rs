@@ -572,30 +572,63 @@ fn init_flags(dev: &Dev, minor: u32, flags: u64) -> Result<u64, i32> {
 fn init_grants_what_both_sides_offer_per_cache_mode() {
     use vsnap_fs::abi::init::*;
     use vsnap_fs::passthrough::CacheMode;
-    let guest = ASYNC_READ | DO_READDIRPLUS | READDIRPLUS_AUTO | WRITEBACK_CACHE | PARALLEL_DIROPS | (1 << 1);
+    let guest = ASYNC_READ
+        | DO_READDIRPLUS
+        | READDIRPLUS_AUTO
+        | WRITEBACK_CACHE
+        | PARALLEL_DIROPS
+        | (1 << 1);
     let dev = Dev::start(FsConfig::default());
     let got = init_flags(&dev, 38, guest).unwrap();
-    assert_eq!(got, ASYNC_READ | DO_READDIRPLUS | READDIRPLUS_AUTO | PARALLEL_DIROPS, "no locks, no writeback unless asked");
+    assert_eq!(
+        got,
+        ASYNC_READ | DO_READDIRPLUS | READDIRPLUS_AUTO | PARALLEL_DIROPS,
+        "no locks, no writeback unless asked"
+    );
     assert_eq!(init_flags(&dev, 26, guest), Err(libc::EPROTO), "too old");
     drop(dev);
-    let dev = Dev::start(FsConfig { writeback: true, ..FsConfig::default() });
+    let dev = Dev::start(FsConfig {
+        writeback: true,
+        ..FsConfig::default()
+    });
     assert_ne!(init_flags(&dev, 38, guest).unwrap() & WRITEBACK_CACHE, 0);
     drop(dev);
-    let dev = Dev::start(FsConfig { cache: CacheMode::Never, writeback: true, ..FsConfig::default() });
+    let dev = Dev::start(FsConfig {
+        cache: CacheMode::Never,
+        writeback: true,
+        ..FsConfig::default()
+    });
     let got = init_flags(&dev, 38, guest).unwrap();
-    assert_eq!(got & (DO_READDIRPLUS | WRITEBACK_CACHE), 0, "nothing cached with --cache never");
+    assert_eq!(
+        got & (DO_READDIRPLUS | WRITEBACK_CACHE),
+        0,
+        "nothing cached with --cache never"
+    );
 }
 
 #[test]
 fn a_thread_pool_serves_the_same_requests() {
-    let dev = Dev::start_with(FsConfig::default(), FsOptions { thread_pool_size: 3, ..FsOptions::default() });
+    let dev = Dev::start_with(
+        FsConfig::default(),
+        FsOptions {
+            thread_pool_size: 3,
+            ..FsOptions::default()
+        },
+    );
     let mut f = dev.client();
     for i in 0..200 {
         let n = format!("p{i}");
         let c = create(&mut f, ROOT, &n);
         let e = entry(&c);
-        let h = OpenOut::read_from_prefix(&c.body[size_of::<EntryOut>()..]).unwrap().0.fh;
-        let w = ReadIn { fh: h, size: 4, ..ReadIn::default() };
+        let h = OpenOut::read_from_prefix(&c.body[size_of::<EntryOut>()..])
+            .unwrap()
+            .0
+            .fh;
+        let w = ReadIn {
+            fh: h,
+            size: 4,
+            ..ReadIn::default()
+        };
         assert_eq!(f.call(WRITE, e.nodeid, &[w.as_bytes(), b"data"]).error, 0);
         assert_eq!(read(&mut f, e.nodeid, h, 10).body, b"data");
     }

@@ -31,6 +31,11 @@ struct Args {
     /// Iterations of the per-operation measurements.
     #[arg(long, default_value_t = 20000)]
     iters: usize,
+    /// Which part to run: `hold` (look up and hold many/, report fds and RSS) or `ops` (the
+    /// per-operation costs). Run each against a fresh daemon: a backend that ran out of fds
+    /// while holding may not recover.
+    #[arg(long, value_parser = ["hold", "ops"])]
+    phase: String,
 }
 
 /// Runs `f` `n` times: (wall µs per op, backend CPU µs per op).
@@ -64,9 +69,16 @@ fn fit(points: &[(f64, f64)]) -> (f64, f64) {
 
 fn main() -> Result<(), String> {
     let a = Args::parse();
-    let pid = a.pid;
     let mut f = Fuse::connect(&a.socket).map_err(|e| e.to_string())?;
     f.init().map_err(|e| format!("INIT: errno {e}"))?;
+    if a.phase == "hold" {
+        return hold(&mut f, &a);
+    }
+    ops(&mut f, &a)
+}
+
+fn hold(f: &mut Fuse, a: &Args) -> Result<(), String> {
+    let pid = a.pid;
     let fds0 = open_fds(pid);
     let rss0 = rss_kib(pid);
 
@@ -77,16 +89,28 @@ fn main() -> Result<(), String> {
     let mut held = Vec::with_capacity(a.dirs * (a.files + 1));
     let t0 = Instant::now();
     let c0 = cpu_seconds(pid).unwrap_or(0.0);
-    for d in 0..a.dirs {
-        let dn = f
-            .lookup(many, &format!("d{d}"))
-            .map_err(|e| format!("d{d}: errno {e}"))?;
-        held.push((dn, 1));
-        for i in 0..a.files {
-            let n = f
-                .lookup(dn, &format!("f{i}"))
-                .map_err(|e| format!("f{i}: errno {e}"))?;
+    // A backend that holds an fd per inode fails once its open-file limit is reached.
+    let mut lookup_error = None;
+    let mut look = |f: &mut Fuse, parent: u64, name: String, held: &mut Vec<(u64, u64)>| match f
+        .lookup(parent, &name)
+    {
+        Ok(n) => {
             held.push((n, 1));
+            Some(n)
+        }
+        Err(e) => {
+            lookup_error = Some(format!("errno {} after {} inodes", -e, held.len()));
+            None
+        }
+    };
+    'dirs: for d in 0..a.dirs {
+        let Some(dn) = look(f, many, format!("d{d}"), &mut held) else {
+            break;
+        };
+        for i in 0..a.files {
+            if look(f, dn, format!("f{i}"), &mut held).is_none() {
+                break 'dirs;
+            }
         }
     }
     let lookups = held.len();
@@ -96,6 +120,22 @@ fn main() -> Result<(), String> {
     );
     let (fds1, rss1) = (open_fds(pid), rss_kib(pid));
     f.batch_forget(&held);
+    let report = json!({
+        "label": a.label,
+        "held_inodes": lookups,
+        "lookup_error": lookup_error,
+        "fds_idle": fds0,
+        "fds_holding": fds1,
+        "rss_kib_idle": rss0,
+        "rss_kib_holding": rss1,
+        "first_lookup": op(first_lookup),
+    });
+    println!("{report}");
+    Ok(())
+}
+
+fn ops(f: &mut Fuse, a: &Args) -> Result<(), String> {
+    let pid = a.pid;
 
     let data = f
         .lookup(ROOT, "data.bin")
@@ -119,9 +159,10 @@ fn main() -> Result<(), String> {
         });
         f.batch_forget(&ids);
         depth.insert(d.to_string(), op((wall, cpu)));
-        points.push((d as f64, cpu));
+        points.push((d as f64, wall, cpu));
     }
-    let (constant, per_component) = fit(&points);
+    let wall_fit = fit(&points.iter().map(|p| (p.0, p.1)).collect::<Vec<_>>());
+    let cpu_fit = fit(&points.iter().map(|p| (p.0, p.2)).collect::<Vec<_>>());
 
     let create_unlink = measure(pid, a.iters / 10, |i| {
         let name = format!("bench-{i}");
@@ -159,16 +200,12 @@ fn main() -> Result<(), String> {
 
     let report = json!({
         "label": a.label,
-        "held_inodes": lookups,
-        "fds_idle": fds0,
-        "fds_holding": fds1,
-        "rss_kib_idle": rss0,
-        "rss_kib_holding": rss1,
-        "first_lookup": op(first_lookup),
         "getattr": op(getattr),
         "lookup_path_depth": depth,
-        "lookup_cpu_us_constant": (constant * 100.0).round() / 100.0,
-        "lookup_cpu_us_per_component": (per_component * 100.0).round() / 100.0,
+        "lookup_fit": {
+            "wall_us": { "constant": (wall_fit.0 * 100.0).round() / 100.0, "per_component": (wall_fit.1 * 100.0).round() / 100.0 },
+            "cpu_us": { "constant": (cpu_fit.0 * 100.0).round() / 100.0, "per_component": (cpu_fit.1 * 100.0).round() / 100.0 },
+        },
         "create_release_unlink": op(create_unlink),
         "io": rw,
     });
