@@ -43,8 +43,7 @@ impl Dev {
         std::os::unix::fs::symlink(dir.path().join("secret"), share.join("abs-escape")).unwrap();
         std::os::unix::fs::symlink("../secret", share.join("rel-escape")).unwrap();
         let fs = Passthrough::new(&share, &share.join(".vsnap-workdir"), cfg).unwrap();
-        let backend =
-            Arc::new(FsBackend::new(Arc::new(Server::new(fs)), FsOptions::default()).unwrap());
+        let backend = Arc::new(FsBackend::new(Arc::new(Server::new(fs)), opts).unwrap());
         let sock = dir.path().join("fs.sock");
         let stopper = Stopper::new();
         let thread = {
