@@ -445,3 +445,47 @@ fn materialize_writes_the_disk_as_last_seen() {
         "materialized image differs"
     );
 }
+
+#[test]
+fn fs_refuses_bad_options_before_serving() {
+    let t = tempfile::tempdir().unwrap();
+    let sock = t.path().join("fs.sock");
+    let long_tag = "t".repeat(37);
+    let out = vsnap(&[
+        "fs",
+        "--socket-path",
+        s(&sock),
+        "--shared-dir",
+        s(t.path()),
+        "--tag",
+        &long_tag,
+    ]);
+    assert_fails(&out, "--tag is longer than 36 bytes");
+    let missing = t.path().join("missing");
+    let out = vsnap(&["fs", "--socket-path", s(&sock), "--shared-dir", s(&missing)]);
+    assert_fails(&out, "shared dir");
+    let out = vsnap(&["fs", "--shared-dir", s(t.path())]);
+    assert_fails(&out, "--socket-path");
+    assert!(!sock.exists());
+}
+
+#[test]
+fn image_compare_counts_the_data_a_diff_needs() {
+    let t = tempfile::tempdir().unwrap();
+    let (a, b) = (t.path().join("a"), t.path().join("b"));
+    let mut data = vec![7u8; 4 * 4096];
+    std::fs::write(&a, &data).unwrap();
+    data[5000] = 8; // block 1 changes
+    data[3 * 4096..].fill(0); // block 3 becomes zero
+    std::fs::write(&b, &data).unwrap();
+    let out = vsnap(&["image", "compare", "--base", s(&a), s(&b), "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["changed_blocks"], 2);
+    assert_eq!(v["changed_to_zero_blocks"], 1);
+    assert_eq!(v["min_data_bytes"], 4096);
+}
