@@ -22,14 +22,7 @@ fi
 prepare
 out="$repo/target/economy"
 mkdir -p "$out"
-work=$(mktemp -d)
-daemon= qemu=
-cleanup() {
-  [ -n "$qemu" ] && kill "$qemu" 2>/dev/null
-  stop_daemon
-  [ -n "${KEEP:-}" ] || rm -rf "$work"
-}
-trap cleanup EXIT
+start_work
 ctl() { "$vsnap" ctl --api-socket "$work/api.sock" "$@"; }
 size=1G
 uuid=6e2b2549-0000-4000-8000-000000000001

@@ -5,14 +5,7 @@
 source "$(cd "$(dirname "$0")/.." && pwd)/tests/guest/lib.sh"
 echo "== preparing: packages, build, kernel, initramfs (first run takes a few minutes)"
 prepare
-work=$(mktemp -d)
-daemon= qemu=
-cleanup() {
-  [ -n "$qemu" ] && kill "$qemu" 2>/dev/null
-  stop_daemon
-  if [ -n "${KEEP:-}" ]; then echo "kept $work"; else rm -rf "$work"; fi
-}
-trap cleanup EXIT
+start_work
 ctl() { "$vsnap" ctl --api-socket "$work/api.sock" "$@"; }
 
 echo "== vsnap blk: a blank 512 MiB disk"

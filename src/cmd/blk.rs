@@ -3,7 +3,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
-use vsnap_blk::{serve, BlkBackend, BlkOptions, Stopper};
+use vsnap_blk::{serve, BlkBackend, BlkOptions};
 use vsnap_block::{Disk, DiskOptions};
 
 use crate::size::parse_size;
@@ -142,20 +142,7 @@ pub fn run(a: BlkArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let stopper = Stopper::new();
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-    ])?;
-    {
-        let stopper = stopper.clone();
-        std::thread::spawn(move || {
-            if let Some(sig) = signals.forever().next() {
-                tracing::info!(signal = sig, "stopping: finishing in-flight requests");
-                stopper.stop();
-            }
-        });
-    }
+    let stopper = super::stop_on_signals()?;
     let served = serve(backend, &a.socket_path, &stopper);
     let _ = std::fs::remove_file(&a.socket_path);
     if let Some(stop) = stop_api {

@@ -12,7 +12,7 @@ use vsnap_fs::device::{FsBackend, FsOptions, TAG_LEN};
 use vsnap_fs::inode_store::StoreMode;
 use vsnap_fs::passthrough::{CacheMode, FsConfig, Passthrough};
 use vsnap_fs::server::Server;
-use vsnap_vhost::{serve_listener, Stopper};
+use vsnap_vhost::serve_listener;
 
 #[derive(Args)]
 pub struct FsArgs {
@@ -246,20 +246,7 @@ pub fn run(a: FsArgs) -> anyhow::Result<()> {
             thread_pool_size: a.thread_pool_size,
         },
     )?);
-    let stopper = Stopper::new();
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-    ])?;
-    {
-        let stopper = stopper.clone();
-        std::thread::spawn(move || {
-            if let Some(sig) = signals.forever().next() {
-                tracing::info!(signal = sig, "stopping");
-                stopper.stop();
-            }
-        });
-    }
+    let stopper = super::stop_on_signals()?;
     let served = serve_listener(backend.clone(), listener, &stopper);
     // Inside a chroot the socket's path is out of reach; the next start replaces it.
     if let (Some(p), SandboxArg::None) = (&a.socket_path, kind) {

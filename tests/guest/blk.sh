@@ -2,10 +2,7 @@
 # vsnap blk in a real guest: QEMU (TCG) + Debian kernel + initramfs against vsnap's socket.
 source "$(dirname "$0")/lib.sh"
 prepare
-work=$(mktemp -d)
-daemon=
-cleanup() { stop_daemon; [ -n "${KEEP:-}" ] || rm -rf "$work"; }
-trap cleanup EXIT
+start_work
 queues=2
 sock="$work/blk.sock"
 RUST_LOG=info "$vsnap" blk --socket-path "$sock" --size 256M --state-dir "$work/state" \

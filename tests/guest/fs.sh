@@ -4,14 +4,7 @@
 # guest reported, the fd count while the guest held 20,000 inodes, and the empty workdir.
 source "$(dirname "$0")/lib.sh"
 prepare
-work=$(mktemp -d)
-daemon= qemu=
-cleanup() {
-  [ -n "$qemu" ] && kill "$qemu" 2>/dev/null
-  stop_daemon
-  [ -n "${KEEP:-}" ] || rm -rf "$work"
-}
-trap cleanup EXIT
+start_work
 share="$work/share"
 mkdir -p "$share/many"
 echo "made on the host" > "$share/from-host.txt"

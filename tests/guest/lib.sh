@@ -54,6 +54,19 @@ marker() {
   grep -a -o "$2: [0-9a-f]*" "$1" | tail -1 | awk '{print $2}'
 }
 
+# start_work: a fresh $work directory; on exit the guest ($qemu) and the daemon ($daemon) are
+# stopped and $work removed (kept, and named, with KEEP=1).
+start_work() {
+  work=$(mktemp -d)
+  daemon= qemu=
+  trap cleanup_work EXIT
+}
+cleanup_work() {
+  [ -n "${qemu:-}" ] && kill "$qemu" 2>/dev/null
+  stop_daemon
+  if [ -n "${KEEP:-}" ]; then echo "kept $work" >&2; else rm -rf "$work"; fi
+}
+
 # stop_daemon: SIGTERM the daemon in $daemon (if any) and wait for it to persist and exit.
 stop_daemon() {
   if [ -n "${daemon:-}" ]; then kill -TERM "$daemon" 2>/dev/null || true; wait "$daemon" 2>/dev/null || true; daemon=; fi

@@ -5,14 +5,7 @@
 # the qcow2 overlays of the same diffs compare equal under qemu-img.
 source "$(dirname "$0")/lib.sh"
 prepare
-work=$(mktemp -d)
-daemon= qemu=
-cleanup() {
-  [ -n "$qemu" ] && kill "$qemu" 2>/dev/null
-  stop_daemon
-  [ -n "${KEEP:-}" ] || rm -rf "$work"
-}
-trap cleanup EXIT
+start_work
 ctl() { "$vsnap" ctl --api-socket "$work/api.sock" "$@"; }
 
 "$vsnap" image create "$work/base.img" --size 256M

@@ -10,7 +10,6 @@ use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_FLUSH};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -18,7 +17,7 @@ use vmm_sys_util::event::{
 };
 use vsnap_block::Disk;
 
-use vsnap_vhost::{Device, Faults};
+use vsnap_vhost::{queue, Device, Faults};
 
 use crate::config::{self, BlkConfig, Limits, WRITEBACK_OFFSET};
 use crate::request::{self, Chain, Ctx};
@@ -111,54 +110,31 @@ impl BlkBackend {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         let event_idx = self.event_idx.load(Ordering::Relaxed);
-        loop {
-            if event_idx {
-                vring.disable_notification().map_err(to_io)?;
-            }
-            loop {
-                // Not `while let`: the temporary guard would live through the loop body and
-                // deadlock against add_used().
-                let next = vring
-                    .get_mut()
-                    .get_queue_mut()
-                    .pop_descriptor_chain(mem.clone());
-                let Some(head) = next else { break };
-                let index = head.head_index();
-                let chain =
-                    Chain::split(head.map(|d| (d.addr(), d.len(), d.is_write_only())), &*mem);
-                let len = match request::process(&ctx, &*mem, &chain, &mut buf) {
-                    Some(out) => {
-                        if let Some(f) = out.fault {
-                            self.faults.record(f);
-                        }
-                        out.len
+        queue::drain(vring, &atomic, event_idx, |head| {
+            let index = head.head_index();
+            let chain = Chain::split(head.map(|d| (d.addr(), d.len(), d.is_write_only())), &*mem);
+            let len = match request::process(&ctx, &*mem, &chain, &mut buf) {
+                Some(out) => {
+                    if let Some(f) = out.fault {
+                        self.faults.record(f);
                     }
-                    None => {
-                        self.dropped_chains.fetch_add(1, Ordering::Relaxed);
-                        self.faults
-                            .record("chain without a status byte (completed with length 0)");
-                        0
-                    }
-                };
-                vring.add_used(index, len).map_err(to_io)?;
-            }
-            if vring.needs_notification().map_err(to_io)? {
-                vring.signal_used_queue()?;
-            }
-            if !event_idx || !vring.enable_notification().map_err(to_io)? {
-                break;
-            }
-        }
+                    out.len
+                }
+                None => {
+                    self.dropped_chains.fetch_add(1, Ordering::Relaxed);
+                    self.faults
+                        .record("chain without a status byte (completed with length 0)");
+                    0
+                }
+            };
+            vring.add_used(index, len).map_err(queue::to_io)
+        })?;
         // Large requests may have grown the bounce buffer; don't keep more than a few MiB.
         if buf.capacity() > 4 << 20 {
             *buf = Vec::new();
         }
         Ok(())
     }
-}
-
-fn to_io(e: virtio_queue::Error) -> io::Error {
-    io::Error::other(e.to_string())
 }
 
 impl Device for BlkBackend {

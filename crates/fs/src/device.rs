@@ -11,13 +11,12 @@ use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
-use vsnap_vhost::{gather, scatter, Device, Faults, Segments};
+use vsnap_vhost::{gather, queue, scatter, Device, Faults, Segments};
 
 use crate::server::{Server, MAX_REQUEST};
 
@@ -60,10 +59,6 @@ pub struct FsBackend {
     pub connected: AtomicBool,
 }
 
-fn to_io(e: virtio_queue::Error) -> io::Error {
-    io::Error::other(e.to_string())
-}
-
 /// Runs one request chain: gathers the message, handles it, scatters the reply. Returns the
 /// used length.
 fn run_chain(server: &Server, faults: &Faults, mem: &GuestMemoryMmap, segs: &Segments) -> u32 {
@@ -97,9 +92,10 @@ fn run_chain(server: &Server, faults: &Faults, mem: &GuestMemoryMmap, segs: &Seg
     reply.len() as u32
 }
 
+/// Completes a chain from a pool thread, signalling the guest if it asked to be.
 fn complete(vring: &VringRwLock, head: u16, len: u32) -> io::Result<()> {
-    vring.add_used(head, len).map_err(to_io)?;
-    if vring.needs_notification().map_err(to_io)? {
+    vring.add_used(head, len).map_err(queue::to_io)?;
+    if vring.needs_notification().map_err(queue::to_io)? {
         vring.signal_used_queue()?;
     }
     Ok(())
@@ -135,53 +131,32 @@ impl FsBackend {
         else {
             return Ok(());
         };
-        let mem = atomic.memory();
         let event_idx = self.event_idx.load(Ordering::Relaxed);
-        loop {
-            if event_idx {
-                vring.disable_notification().map_err(to_io)?;
-            }
-            loop {
-                // Not `while let`: the guard would live through the body and deadlock
-                // against add_used().
-                let next = vring
-                    .get_mut()
-                    .get_queue_mut()
-                    .pop_descriptor_chain(mem.clone());
-                let Some(head) = next else { break };
-                let index = head.head_index();
-                let segs =
-                    Segments::split(head.map(|d| (d.addr(), d.len(), d.is_write_only())), &*mem);
-                match &self.pool {
-                    None => {
-                        let len = run_chain(&self.server, &self.faults, &mem, &segs);
-                        complete(vring, index, len)?;
-                    }
-                    Some(pool) => {
-                        let (server, faults, vring, atomic) = (
-                            self.server.clone(),
-                            self.faults.clone(),
-                            vring.clone(),
-                            atomic.clone(),
-                        );
-                        let job: Job = Box::new(move || {
-                            let len = run_chain(&server, &faults, &atomic.memory(), &segs);
-                            if let Err(e) = complete(&vring, index, len) {
-                                tracing::warn!(error = %e, "completing a request");
-                            }
-                        });
-                        pool.lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .send(job)
-                            .map_err(|_| io::Error::other("thread pool gone"))?;
-                    }
+        let mem = atomic.memory();
+        queue::drain(vring, &atomic, event_idx, |head| {
+            let index = head.head_index();
+            let segs = Segments::split(head.map(|d| (d.addr(), d.len(), d.is_write_only())), &*mem);
+            let Some(pool) = &self.pool else {
+                let len = run_chain(&self.server, &self.faults, &mem, &segs);
+                return vring.add_used(index, len).map_err(queue::to_io);
+            };
+            let (server, faults, vring, atomic) = (
+                self.server.clone(),
+                self.faults.clone(),
+                vring.clone(),
+                atomic.clone(),
+            );
+            let job: Job = Box::new(move || {
+                let len = run_chain(&server, &faults, &atomic.memory(), &segs);
+                if let Err(e) = complete(&vring, index, len) {
+                    tracing::warn!(error = %e, "completing a request");
                 }
-            }
-            if !event_idx || !vring.enable_notification().map_err(to_io)? {
-                break;
-            }
-        }
-        Ok(())
+            });
+            pool.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .send(job)
+                .map_err(|_| io::Error::other("thread pool gone"))
+        })
     }
 
     fn config(&self) -> Vec<u8> {
