@@ -74,7 +74,12 @@ pub mod init {
     pub const PARALLEL_DIROPS: u64 = 1 << 18;
     pub const MAX_PAGES: u64 = 1 << 22;
     pub const CACHE_SYMLINKS: u64 = 1 << 23;
+    /// The server clears setuid/setgid on write, truncate and chown (the guest sends the
+    /// `*_KILL_SUIDGID` flags).
+    pub const HANDLE_KILLPRIV_V2: u64 = 1 << 28;
     pub const INIT_EXT: u64 = 1 << 30;
+    /// Create-type requests carry the caller's group of the parent directory in an extension.
+    pub const CREATE_SUPP_GROUP: u64 = 1 << 34;
 }
 
 /// `fuse_setattr_in.valid`.
@@ -89,6 +94,7 @@ pub mod fattr {
     pub const ATIME_NOW: u32 = 1 << 7;
     pub const MTIME_NOW: u32 = 1 << 8;
     pub const CTIME: u32 = 1 << 10;
+    pub const KILL_SUIDGID: u32 = 1 << 11;
 }
 
 /// `fuse_open_out.open_flags`.
@@ -100,6 +106,12 @@ pub mod fopen {
 
 pub const GETATTR_FH: u32 = 1;
 pub const WRITE_KILL_SUIDGID: u32 = 1 << 2;
+/// `fuse_open_in.open_flags` / `fuse_create_in.open_flags`: clear setuid/setgid (with O_TRUNC).
+pub const OPEN_KILL_SUIDGID: u32 = 1 << 0;
+/// Request extension types (`fuse_ext_header.type`).
+pub const EXT_GROUPS: u32 = 2;
+/// Linux's largest extended attribute value and list (`XATTR_SIZE_MAX`, `XATTR_LIST_MAX`).
+pub const XATTR_SIZE_MAX: u32 = 1 << 16;
 
 macro_rules! wire {
     ($($(#[$m:meta])* pub struct $name:ident { $(pub $f:ident: $t:ty,)* })*) => {
@@ -113,6 +125,11 @@ macro_rules! wire {
 }
 
 wire! {
+    /// `fuse_ext_header`: one request extension record.
+    pub struct ExtHeader {
+        pub size: u32,
+        pub typ: u32,
+    }
     pub struct InHeader {
         pub len: u32,
         pub opcode: u32,

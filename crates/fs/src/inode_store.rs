@@ -15,16 +15,27 @@
 //! changed the inode). The workdir is emptied when the store opens (leftovers of a crash) and when
 //! it is dropped. [`StoreMode::Fd`] keeps virtiofsd's classic behaviour (one `O_PATH` fd per
 //! inode) for comparison.
+//!
+//! Safety rules kept here:
+//! - The workdir is opened without following a link and must be a directory the daemon owns;
+//!   anything else at its name is refused before anything is touched, and emptying it never
+//!   leaves it (`unlinkat` of its own entries).
+//! - [`InodeStore::open`] opens only regular files and directories (EBADF otherwise, as
+//!   virtiofsd): a device node, FIFO or socket the guest made is never opened on the host.
+//! - An inode number is an identity only while something pins the inode (a link or an fd).
+//!   Directories held by file handle are not pinned: their number can be reused by the file
+//!   system once they are deleted, so a lookup compares the handle (which carries the inode's
+//!   generation) before it returns an existing node.
 
 use std::collections::HashMap;
-use std::ffi::{CStr, CString};
+use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
-use crate::sys::{cvt, fstatat, openat, via_proc};
+use crate::sys::{self, FileHandle, InodeAt, Name};
 
 /// FUSE's root node id.
 pub const ROOT_ID: u64 = 1;
@@ -33,13 +44,25 @@ pub const ROOT_ID: u64 = 1;
 pub enum StoreError {
     #[error("workdir {path}: {source}")]
     Workdir { path: String, source: io::Error },
+    #[error("workdir {path}: refused: {why}; nothing was changed")]
+    WorkdirRefused { path: String, why: String },
     #[error("unknown node id {0}")]
     UnknownNode(u64),
     #[error(transparent)]
     Io(#[from] io::Error),
 }
 
-/// (st_dev, st_ino): what identifies an inode on the host.
+impl From<StoreError> for sys::Errno {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::UnknownNode(_) => sys::Errno(libc::ENOENT),
+            StoreError::Io(e) | StoreError::Workdir { source: e, .. } => e.into(),
+            StoreError::WorkdirRefused { .. } => sys::Errno(libc::EIO),
+        }
+    }
+}
+
+/// (st_dev, st_ino): what identifies an inode on the host while it is pinned.
 pub type InodeKey = (u64, u64);
 
 /// How the store holds inodes the guest knows.
@@ -63,66 +86,6 @@ pub enum Handle {
     Fd(OwnedFd),
 }
 
-/// The opaque part of a `struct file_handle`.
-#[derive(Debug)]
-pub struct FileHandle {
-    typ: i32,
-    bytes: Box<[u8]>,
-}
-
-const MAX_HANDLE_SZ: usize = 128;
-
-/// `struct file_handle` with room for the largest handle, aligned as the kernel expects.
-#[repr(C)]
-struct RawHandle {
-    bytes: u32,
-    typ: i32,
-    data: [u8; MAX_HANDLE_SZ],
-}
-
-/// The handle and mount id of the inode behind `fd`.
-fn name_to_handle(fd: RawFd) -> io::Result<(FileHandle, i32)> {
-    let mut h = RawHandle {
-        bytes: MAX_HANDLE_SZ as u32,
-        typ: 0,
-        data: [0; MAX_HANDLE_SZ],
-    };
-    let mut mnt = 0;
-    // SAFETY: valid fd, empty C string, a buffer of MAX_HANDLE_SZ bytes as declared.
-    cvt(unsafe {
-        libc::name_to_handle_at(
-            fd,
-            c"".as_ptr(),
-            (&raw mut h).cast(),
-            &mut mnt,
-            libc::AT_EMPTY_PATH,
-        )
-    })?;
-    let n = (h.bytes as usize).min(MAX_HANDLE_SZ);
-    Ok((
-        FileHandle {
-            typ: h.typ,
-            bytes: h.data[..n].into(),
-        },
-        mnt,
-    ))
-}
-
-fn open_handle(mount_fd: RawFd, fh: &FileHandle, flags: libc::c_int) -> io::Result<OwnedFd> {
-    let mut h = RawHandle {
-        bytes: fh.bytes.len() as u32,
-        typ: fh.typ,
-        data: [0; MAX_HANDLE_SZ],
-    };
-    h.data[..fh.bytes.len()].copy_from_slice(&fh.bytes);
-    // SAFETY: a handle from name_to_handle_at; the returned fd is ours.
-    let fd = cvt(unsafe {
-        libc::open_by_handle_at(mount_fd, (&raw mut h).cast(), flags | libc::O_CLOEXEC)
-    })?;
-    // SAFETY: fd was just returned by open_by_handle_at.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
 #[derive(Debug)]
 pub struct Inode {
     pub id: u64,
@@ -142,18 +105,18 @@ fn ctime(st: &libc::stat) -> Ctime {
     (st.st_ctime, st.st_ctime_nsec)
 }
 
-/// An `O_PATH` fd for an inode: the store's own (directories, fd-held inodes) or one opened
-/// through the inode's workdir link.
+/// An `O_PATH` fd for an inode: the store's own (fd-held inodes) or one opened through the
+/// inode's workdir link or file handle.
 pub enum PathFd<'a> {
     Borrowed(BorrowedFd<'a>),
     Owned(OwnedFd),
 }
 
-impl AsRawFd for PathFd<'_> {
-    fn as_raw_fd(&self) -> RawFd {
+impl AsFd for PathFd<'_> {
+    fn as_fd(&self) -> BorrowedFd<'_> {
         match self {
-            PathFd::Borrowed(fd) => fd.as_raw_fd(),
-            PathFd::Owned(fd) => fd.as_raw_fd(),
+            PathFd::Borrowed(fd) => *fd,
+            PathFd::Owned(fd) => fd.as_fd(),
         }
     }
 }
@@ -161,6 +124,11 @@ impl AsRawFd for PathFd<'_> {
 impl Inode {
     pub fn lookups(&self) -> u64 {
         self.lookups.load(Ordering::Acquire)
+    }
+
+    /// Whether opening this inode for I/O is safe: regular files and directories only.
+    pub fn openable(&self) -> bool {
+        matches!(self.kind, libc::S_IFREG | libc::S_IFDIR)
     }
 
     /// Takes our workdir link out of `st` (taken through the link or an fd of this inode).
@@ -197,56 +165,91 @@ pub struct InodeStore {
     next_id: AtomicU64,
 }
 
-/// The mount id of `fd` (statx, Linux 5.8+); `None` where the kernel cannot tell.
-fn mnt_id(fd: RawFd) -> Option<u64> {
-    let mut stx = std::mem::MaybeUninit::<libc::statx>::zeroed();
-    // SAFETY: valid fd, empty C string and out pointer.
-    let r = unsafe {
-        libc::statx(
-            fd,
-            c"".as_ptr(),
-            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
-            libc::STATX_MNT_ID,
-            stx.as_mut_ptr(),
-        )
+/// Opens the workdir at the absolute path `path`, creating it (0700) if absent. Refuses,
+/// before touching anything, whatever else is at that name: a symlink (not followed), a file, a
+/// directory owned by another user.
+pub fn open_workdir(path: &Path) -> Result<OwnedFd, StoreError> {
+    let shown = || path.display().to_string();
+    let err = |source| StoreError::Workdir {
+        path: shown(),
+        source,
     };
-    // SAFETY: statx succeeded, so the struct is initialised.
-    let stx = unsafe { stx.assume_init() };
-    (r == 0 && stx.stx_mask & libc::STATX_MNT_ID != 0).then_some(stx.stx_mnt_id)
+    let refuse = |why: String| StoreError::WorkdirRefused { path: shown(), why };
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(refuse("not a path to a directory entry".into()));
+    };
+    let c = |p: &std::ffi::OsStr| {
+        CString::new(p.as_encoded_bytes()).map_err(|_| refuse("the path holds a NUL byte".into()))
+    };
+    let parent =
+        sys::open_abs(&c(parent.as_os_str())?, libc::O_PATH | libc::O_DIRECTORY).map_err(err)?;
+    let name_c = c(name)?;
+    let name = Name::new(&name_c).map_err(|_| refuse("not a single path component".into()))?;
+    match sys::mkdirat(parent.as_fd(), name, 0o700) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+        Err(e) => return Err(err(e)),
+    }
+    // O_NOFOLLOW|O_DIRECTORY: a symlink planted at this name fails instead of being followed.
+    let dir =
+        sys::openat(parent.as_fd(), name, libc::O_RDONLY | libc::O_DIRECTORY, 0).map_err(|e| {
+            match e.raw_os_error() {
+                Some(libc::ELOOP | libc::ENOTDIR) => {
+                    let link = sys::fstatat(parent.as_fd(), name)
+                        .is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFLNK);
+                    refuse(
+                        if link {
+                            "it is a symbolic link"
+                        } else {
+                            "it is not a directory"
+                        }
+                        .into(),
+                    )
+                }
+                _ => err(e),
+            }
+        })?;
+    let st = sys::fstat(dir.as_fd()).map_err(err)?;
+    let me = sys::geteuid();
+    if st.st_uid != me {
+        return Err(refuse(format!(
+            "it is owned by uid {}, not by the daemon (uid {me})",
+            st.st_uid
+        )));
+    }
+    if st.st_mode & 0o7777 != 0o700 {
+        // Ours, reached without following a link: closing it to everyone else is safe.
+        sys::fchmod(dir.as_fd(), 0o700).map_err(err)?;
+    }
+    Ok(dir)
 }
 
-/// Removes every entry of the workdir (it only ever holds our links).
+/// Removes every non-directory entry of the workdir (it only ever holds our links). Works on
+/// the workdir's own fd: `unlinkat` removes names, it never follows them out.
 fn empty_dir(dir: &OwnedFd) -> io::Result<usize> {
-    let dup = cvt(unsafe { libc::dup(dir.as_raw_fd()) })?;
-    // SAFETY: dup returned a new fd that fdopendir takes over.
-    let d = unsafe { libc::fdopendir(dup) };
-    if d.is_null() {
-        // SAFETY: fdopendir failed, so dup is still ours to close.
-        unsafe { libc::close(dup) };
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: d is a valid DIR*.
-    unsafe { libc::rewinddir(d) };
     let mut names = Vec::new();
+    let mut buf = vec![0u8; 32 << 10];
+    sys::seekdir(dir.as_fd(), 0)?;
     loop {
-        // SAFETY: d is a valid DIR*; the entry is copied out before the next call.
-        let e = unsafe { libc::readdir64(d) };
-        if e.is_null() {
+        let batch = sys::getdents(dir.as_fd(), &mut buf)?;
+        if batch.is_empty() {
             break;
         }
-        // SAFETY: d_name is NUL-terminated.
-        let name = unsafe { CStr::from_ptr((*e).d_name.as_ptr()) };
-        if name.to_bytes() != b"." && name.to_bytes() != b".." {
-            names.push(name.to_owned());
+        for e in batch {
+            let e = e?;
+            if let Ok(n) = Name::new(e.name) {
+                names.push(n.as_c_str().to_owned());
+            }
         }
     }
-    // SAFETY: closes the DIR* and its fd.
-    unsafe { libc::closedir(d) };
+    let mut removed = 0;
     for n in &names {
-        // SAFETY: valid dirfd and C string.
-        unsafe { libc::unlinkat(dir.as_raw_fd(), n.as_ptr(), 0) };
+        let name = Name::new(n).expect("checked above");
+        if sys::unlinkat(dir.as_fd(), name, 0).is_ok() {
+            removed += 1;
+        }
     }
-    Ok(names.len())
+    Ok(removed)
 }
 
 impl InodeStore {
@@ -261,33 +264,22 @@ impl InodeStore {
             path: workdir.display().to_string(),
             source,
         };
-        crate::sys::init_proc()?;
-        match std::fs::create_dir(workdir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(err(e)),
-        }
-        std::fs::set_permissions(workdir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
-            .map_err(err)?;
-        let c = CString::new(workdir.as_os_str().as_encoded_bytes())
-            .map_err(|e| err(io::Error::other(e)))?;
-        // Readable (not O_PATH), so the same fd also lists the directory.
-        let dir = openat(libc::AT_FDCWD, &c, libc::O_RDONLY | libc::O_DIRECTORY).map_err(err)?;
+        sys::init_proc()?;
+        let dir = open_workdir(workdir)?;
         let stale = empty_dir(&dir).map_err(err)?;
         if stale > 0 {
             tracing::warn!(workdir = %workdir.display(), links = stale, "removed links left by a previous run");
         }
-        let st = fstatat(dir.as_raw_fd(), c"", libc::AT_EMPTY_PATH).map_err(err)?;
-        let root_st = fstatat(root.as_raw_fd(), c"", libc::AT_EMPTY_PATH)?;
+        let st = sys::fstat(dir.as_fd()).map_err(err)?;
+        let root_st = sys::fstat(root.as_fd())?;
         // Directories by handle need the right to open handles: probe it once on the root.
         let dir_handles = match mode {
             StoreMode::Fd => None,
             // open_by_handle_at() takes no O_PATH fd for the mount: open the root for reading.
-            StoreMode::Workdir => name_to_handle(root.as_raw_fd())
+            StoreMode::Workdir => sys::name_to_handle(root.as_fd())
                 .and_then(|(h, mnt)| {
-                    let (proc, name) = via_proc(root.as_raw_fd());
-                    let mount_fd = openat(proc, &name, libc::O_RDONLY | libc::O_DIRECTORY)?;
-                    open_handle(mount_fd.as_raw_fd(), &h, libc::O_PATH)?;
+                    let mount_fd = sys::reopen(root.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
+                    sys::open_by_handle(mount_fd.as_fd(), &h, libc::O_PATH)?;
                     Ok((mount_fd, mnt))
                 })
                 .ok(),
@@ -298,7 +290,7 @@ impl InodeStore {
         let store = Self {
             mode,
             dir_handles,
-            workdir_mnt: mnt_id(dir.as_raw_fd()),
+            workdir_mnt: sys::mnt_id(dir.as_fd()),
             workdir: dir,
             workdir_key: (st.st_dev, st.st_ino),
             inodes: RwLock::new(HashMap::new()),
@@ -341,22 +333,35 @@ impl InodeStore {
         self.workdir_key
     }
 
-    /// Looks `name` up in directory `parent` (which must not contain `/`; the caller checks) and
-    /// counts one guest reference to the result. Returns the attributes the guest should see.
+    /// Looks `name` up in directory `parent` and counts one guest reference to the result.
+    /// Returns the attributes the guest should see.
     pub fn lookup(
         &self,
         parent: &Inode,
-        name: &CStr,
+        name: Name<'_>,
     ) -> Result<(Arc<Inode>, libc::stat), StoreError> {
         let pfd = self.path_fd(parent)?;
-        let fd = openat(pfd.as_raw_fd(), name, libc::O_PATH | libc::O_NOFOLLOW)?;
+        let fd = sys::open_path(pfd.as_fd(), name)?;
         self.adopt(fd)
+    }
+
+    /// Whether `known`, found under the key of the inode behind `fd`, is that inode. Linked and
+    /// fd-held inodes pin their number, so the key is enough; a directory held by handle does
+    /// not, and its number may have been reused since it was deleted.
+    fn same_inode(known: &Inode, fd: &OwnedFd, st: &libc::stat) -> bool {
+        if known.kind != st.st_mode & libc::S_IFMT {
+            return false;
+        }
+        match &known.handle {
+            Handle::Dir(h) => sys::name_to_handle(fd.as_fd()).is_ok_and(|(now, _)| &now == h),
+            Handle::Link(_) | Handle::Fd(_) => true,
+        }
     }
 
     /// Counts one guest reference to the inode `fd` (an `O_PATH` fd) refers to, taking it into
     /// the table if it is new.
     pub fn adopt(&self, fd: OwnedFd) -> Result<(Arc<Inode>, libc::stat), StoreError> {
-        let mut st = fstatat(fd.as_raw_fd(), c"", libc::AT_EMPTY_PATH)?;
+        let mut st = sys::fstat(fd.as_fd())?;
         let key = (st.st_dev, st.st_ino);
         if key == self.workdir_key {
             return Err(io::Error::from_raw_os_error(libc::ENOENT).into());
@@ -364,19 +369,24 @@ impl InodeStore {
         let mut by_key = self.by_key.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(&id) = by_key.get(&key) {
             let inode = self.get(id)?;
-            inode.lookups.fetch_add(1, Ordering::AcqRel);
-            drop(by_key);
-            inode.hide_link(&mut st);
-            return Ok((inode, st));
+            if Self::same_inode(&inode, &fd, &st) {
+                inode.lookups.fetch_add(1, Ordering::AcqRel);
+                drop(by_key);
+                inode.hide_link(&mut st);
+                return Ok((inode, st));
+            }
+            // A new inode under a reused number: it gets a node id of its own below, and the
+            // old node (which the guest may still hold) answers ESTALE until forgotten.
+            tracing::debug!(old = id, "inode number reused");
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
         let linkable = self.mode == StoreMode::Workdir
             && !is_dir
             && st.st_dev == self.workdir_key.0
-            && (self.workdir_mnt.is_none() || mnt_id(fd.as_raw_fd()) == self.workdir_mnt);
+            && (self.workdir_mnt.is_none() || sys::mnt_id(fd.as_fd()) == self.workdir_mnt);
         let dir_handle = match &self.dir_handles {
-            Some((_, root_mnt)) if is_dir => name_to_handle(fd.as_raw_fd())
+            Some((_, root_mnt)) if is_dir => sys::name_to_handle(fd.as_fd())
                 .ok()
                 .filter(|(_, mnt)| mnt == root_mnt)
                 .map(|(h, _)| h),
@@ -387,7 +397,7 @@ impl InodeStore {
         } else if linkable {
             match self.link(&fd, st.st_ino, id) {
                 Ok(name) => {
-                    let after = fstatat(fd.as_raw_fd(), c"", libc::AT_EMPTY_PATH)
+                    let after = sys::fstat(fd.as_fd())
                         .map(|a| ctime(&a))
                         .unwrap_or_default();
                     (Handle::Link(name), Some((ctime(&st), after)))
@@ -422,100 +432,81 @@ impl InodeStore {
 
     fn link(&self, fd: &OwnedFd, ino: u64, id: u64) -> io::Result<CString> {
         let name = CString::new(format!("{ino:x}.{id:x}")).expect("no NUL in hex");
-        let (proc, fdname) = via_proc(fd.as_raw_fd());
-        // SAFETY: valid C strings and dirfds.
-        cvt(unsafe {
-            libc::linkat(
-                proc,
-                fdname.as_ptr(),
-                self.workdir.as_raw_fd(),
-                name.as_ptr(),
-                libc::AT_SYMLINK_FOLLOW,
-            )
-        })?;
+        InodeAt::proc(fd.as_fd()).link_to(
+            self.workdir.as_fd(),
+            Name::new(&name).expect("a hex name is one component"),
+        )?;
         Ok(name)
     }
 
-    fn mount_fd(&self) -> RawFd {
+    fn mount_fd(&self) -> io::Result<BorrowedFd<'_>> {
         self.dir_handles
             .as_ref()
-            .map_or(-1, |(fd, _)| fd.as_raw_fd())
+            .map(|(fd, _)| fd.as_fd())
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ESTALE))
+    }
+
+    fn link_name<'n>(name: &'n CString) -> Name<'n> {
+        Name::new(name).expect("our link names are single components")
     }
 
     /// An `O_PATH` fd for the inode: its own, or one opened through its link or handle.
     pub fn path_fd<'a>(&self, inode: &'a Inode) -> io::Result<PathFd<'a>> {
         match &inode.handle {
             Handle::Fd(fd) => Ok(PathFd::Borrowed(fd.as_fd())),
-            Handle::Dir(h) => open_handle(self.mount_fd(), h, libc::O_PATH).map(PathFd::Owned),
-            Handle::Link(name) => openat(
-                self.workdir.as_raw_fd(),
-                name,
-                libc::O_PATH | libc::O_NOFOLLOW,
-            )
-            .map(PathFd::Owned),
+            Handle::Dir(h) => {
+                sys::open_by_handle(self.mount_fd()?, h, libc::O_PATH).map(PathFd::Owned)
+            }
+            Handle::Link(name) => {
+                sys::open_path(self.workdir.as_fd(), Self::link_name(name)).map(PathFd::Owned)
+            }
         }
     }
 
-    /// Where path-based calls reach the inode: (dirfd, name) for `*at` calls, plus the fd that
-    /// keeps the path valid. Linked inodes are reached by their workdir name (pass
-    /// `AT_SYMLINK_NOFOLLOW`); the others through `/proc/self/fd` (to be followed).
-    pub fn at_path<'a>(
+    /// Runs `f` with the path that reaches the inode for path-based calls: its workdir link
+    /// (linked inodes), else its `/proc/self/fd` entry.
+    pub fn with_path<T>(
         &self,
-        inode: &'a Inode,
-    ) -> io::Result<(Option<PathFd<'a>>, RawFd, CString)> {
-        Ok(match &inode.handle {
-            Handle::Link(name) => (None, self.workdir.as_raw_fd(), name.clone()),
+        inode: &Inode,
+        f: impl FnOnce(&InodeAt<'_>) -> io::Result<T>,
+    ) -> io::Result<T> {
+        match &inode.handle {
+            Handle::Link(name) => f(&InodeAt::link(self.workdir.as_fd(), name)),
             _ => {
                 let fd = self.path_fd(inode)?;
-                let (dir, name) = via_proc(fd.as_raw_fd());
-                (Some(fd), dir, name)
+                f(&InodeAt::proc(fd.as_fd()))
             }
-        })
+        }
     }
 
     /// The target of a symlink inode.
     pub fn readlink(&self, inode: &Inode) -> io::Result<Vec<u8>> {
-        let fd = self.path_fd(inode)?;
-        let mut buf = vec![0u8; libc::PATH_MAX as usize];
-        // SAFETY: valid fd, C string and buffer of the given length.
-        let n = unsafe {
-            libc::readlinkat(
-                fd.as_raw_fd(),
-                c"".as_ptr(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-            )
-        };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        buf.truncate(n as usize);
-        Ok(buf)
+        sys::readlink(self.path_fd(inode)?.as_fd())
     }
 
-    /// Opens the inode for I/O with `flags` (not for symlinks, which cannot be opened).
+    /// Opens the inode for I/O with `flags`. Only regular files and directories are ever
+    /// opened: anything else is EBADF, as virtiofsd answers, so no guest-made device node, FIFO
+    /// or socket is opened on the host and no open can block.
     pub fn open(&self, inode: &Inode, flags: libc::c_int) -> io::Result<OwnedFd> {
-        let flags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY) | libc::O_NOFOLLOW;
+        if !inode.openable() {
+            return Err(io::Error::from_raw_os_error(libc::EBADF));
+        }
+        let flags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY);
         match &inode.handle {
-            Handle::Link(name) => openat(self.workdir.as_raw_fd(), name, flags),
-            Handle::Dir(h) => open_handle(self.mount_fd(), h, flags),
-            Handle::Fd(fd) => {
-                let (proc, name) = via_proc(fd.as_raw_fd());
-                openat(proc, &name, flags & !libc::O_NOFOLLOW)
+            Handle::Link(name) => {
+                sys::openat(self.workdir.as_fd(), Self::link_name(name), flags, 0)
             }
+            Handle::Dir(h) => sys::open_by_handle(self.mount_fd()?, h, flags | libc::O_NOFOLLOW),
+            Handle::Fd(fd) => sys::reopen(fd.as_fd(), flags),
         }
     }
 
     /// The inode's attributes as the guest should see them: without our workdir link.
     pub fn stat(&self, inode: &Inode) -> io::Result<libc::stat> {
         match &inode.handle {
-            Handle::Fd(_) | Handle::Dir(_) => fstatat(
-                self.path_fd(inode)?.as_raw_fd(),
-                c"",
-                libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
-            ),
+            Handle::Fd(_) | Handle::Dir(_) => sys::fstat(self.path_fd(inode)?.as_fd()),
             Handle::Link(name) => {
-                let mut st = fstatat(self.workdir.as_raw_fd(), name, libc::AT_SYMLINK_NOFOLLOW)?;
+                let mut st = sys::fstatat(self.workdir.as_fd(), Self::link_name(name))?;
                 inode.hide_link(&mut st);
                 Ok(st)
             }
@@ -554,15 +545,21 @@ impl InodeStore {
         if left > 0 {
             return;
         }
-        by_key.remove(&inode.key);
+        // A reused number may already map to a newer inode: leave that mapping alone.
+        if by_key.get(&inode.key) == Some(&id) {
+            by_key.remove(&inode.key);
+        }
         self.inodes
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&id);
         drop(by_key);
+        self.unlink(&inode);
+    }
+
+    fn unlink(&self, inode: &Inode) {
         if let Handle::Link(name) = &inode.handle {
-            // SAFETY: valid dirfd and C string.
-            unsafe { libc::unlinkat(self.workdir.as_raw_fd(), name.as_ptr(), 0) };
+            let _ = sys::unlinkat(self.workdir.as_fd(), Self::link_name(name), 0);
         }
     }
 
@@ -598,10 +595,7 @@ impl Drop for InodeStore {
             .unwrap_or_else(PoisonError::into_inner)
             .values()
         {
-            if let Handle::Link(name) = &inode.handle {
-                // SAFETY: valid dirfd and C string.
-                unsafe { libc::unlinkat(self.workdir.as_raw_fd(), name.as_ptr(), 0) };
-            }
+            self.unlink(inode);
         }
     }
 }

@@ -3,6 +3,8 @@
 //!
 //! - [`abi`]: the FUSE wire structs;
 //! - [`request`]: decoding a request (pure);
+//! - [`sys`]: every system call, in thin wrappers; the [`sys::Name`] type that the name check
+//!   alone can build;
 //! - [`inode_store`]: the inode table (workdir links, fd fallbacks);
 //! - [`passthrough`]: the file system operations on the shared directory (the sandbox lives here);
 //! - [`server`]: FUSE dispatch: INIT negotiation, one request in, one reply out;
@@ -13,5 +15,6 @@ pub mod device;
 pub mod inode_store;
 pub mod passthrough;
 pub mod request;
+pub mod sandbox;
 pub mod server;
-mod sys;
+pub mod sys;

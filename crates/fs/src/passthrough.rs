@@ -1,16 +1,20 @@
 //! The file system the guest sees: the shared directory, passed through operation by operation.
 //!
-//! The sandbox is structural. Every path operation is one `*at` call on a single validated name
-//! (no `/`, not empty, not `.` or `..`) relative to a directory the guest already holds, with
-//! `O_NOFOLLOW`/`AT_SYMLINK_NOFOLLOW`: the guest resolves symlinks itself, in its own namespace,
-//! so no host symlink is ever followed. Symlink inodes are never passed to a call that would
-//! follow them. Special files are never opened. The workdir, when it lies inside the share, is
+//! The sandbox is structural. Every path operation is one `*at` call on a single [`Name`] (the
+//! only type the `*at` wrappers take, built only by the name check) relative to a directory the
+//! guest already holds, never following a symlink: the guest resolves symlinks itself, in its
+//! own namespace. Symlink inodes are never passed to a call that would follow them. Only regular
+//! files and directories are ever opened ([`InodeStore::open`]); a CREATE of a name that exists
+//! opens it the same type-checked way, so a device node, FIFO or socket the guest made is never
+//! opened on the host and no open blocks. Every guest-sized buffer is bounded before it is
+//! allocated, and allocation failure is ENOMEM. The workdir, when it lies inside the share, is
 //! hidden: not listed, not found, not replaceable.
+//!
+//! All system calls are in [`crate::sys`]; this module has no `unsafe`.
 
 use std::collections::HashMap;
 use std::ffi::{CStr, CString};
-use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -20,22 +24,11 @@ use zerocopy::IntoBytes;
 
 use crate::abi::*;
 use crate::inode_store::{Inode, InodeKey, InodeStore, StoreError, StoreMode, ROOT_ID};
-use crate::sys::{cvt, cvt_size, is_proc, openat, openat_mode, via_proc};
+use crate::sys::{self, Name};
+pub use crate::sys::{Errno, Res};
 
-/// An errno for the reply.
-pub type Errno = i32;
-pub type Res<T> = Result<T, Errno>;
-
-fn errno(e: io::Error) -> Errno {
-    e.raw_os_error().unwrap_or(libc::EIO)
-}
-
-fn store_errno(e: StoreError) -> Errno {
-    match e {
-        StoreError::UnknownNode(_) => libc::ENOENT,
-        StoreError::Io(e) => errno(e),
-        StoreError::Workdir { source, .. } => errno(source),
-    }
+fn err<T>(e: i32) -> Res<T> {
+    Err(Errno(e))
 }
 
 /// How long the guest may cache entries and attributes, and how files are opened (virtiofsd's
@@ -72,6 +65,10 @@ pub struct FsConfig {
     /// Keep `O_DIRECT` on open (virtiofsd strips it unless `--allow-direct-io`).
     pub allow_direct_io: bool,
     pub inode_store: StoreMode,
+    /// Negotiate FUSE_HANDLE_KILLPRIV_V2: the daemon clears setuid/setgid on writes and
+    /// truncations by unprivileged guest users (it may hold CAP_FSETID, so the host kernel
+    /// would not).
+    pub killpriv_v2: bool,
 }
 
 impl Default for FsConfig {
@@ -83,21 +80,26 @@ impl Default for FsConfig {
             readdirplus: true,
             allow_direct_io: false,
             inode_store: StoreMode::Workdir,
+            killpriv_v2: true,
         }
     }
 }
 
-/// The caller's identity, from the request header.
+/// The caller's identity, from the request header (and its supplementary-group extension).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Caller {
     pub uid: u32,
     pub gid: u32,
+    /// The one supplementary group the guest kernel sends with create-type requests
+    /// (`FUSE_CREATE_SUPP_GROUP`): the parent directory's group, when the caller is a member.
+    pub supp_group: Option<u32>,
 }
 
 /// An open file or directory of the guest.
 struct FileHandle {
     fd: OwnedFd,
     inode: u64,
+    is_dir: bool,
     /// Serialises seek + getdents on a directory.
     dir: Mutex<()>,
 }
@@ -119,44 +121,37 @@ pub struct Passthrough {
     next_fh: AtomicU64,
     /// The workdir's parent directory and name, when the workdir lies inside the share.
     hidden: Option<(InodeKey, CString)>,
-    /// Running as root: creations take the caller's fsuid/fsgid.
+    /// Running as root: creations take the caller's fsuid/fsgid (and groups).
     switch_creds: bool,
 }
 
-/// While alive, the thread creates files as the caller (fsuid/fsgid are per thread).
+/// While alive, the thread acts as the caller: fsuid/fsgid and supplementary groups are per
+/// thread, and switching away from root makes the host check permissions as the caller.
 struct AsCaller(bool);
 
 impl AsCaller {
-    fn new(on: bool, c: Caller) -> Self {
+    fn new(on: bool, c: Caller) -> Res<Self> {
         if on {
-            // SAFETY: plain syscalls on this thread's credentials.
-            unsafe {
-                libc::setfsgid(c.gid);
-                libc::setfsuid(c.uid);
-            }
+            // Never the daemon's own groups (the CVE-2022-0358 class): only the one the guest
+            // kernel vouched for, or none.
+            let groups: &[u32] = match &c.supp_group {
+                Some(g) => std::slice::from_ref(g),
+                None => &[],
+            };
+            sys::set_thread_groups(groups)?;
+            sys::set_fs_ids(c.uid, c.gid);
         }
-        AsCaller(on)
+        Ok(AsCaller(on))
     }
 }
 
 impl Drop for AsCaller {
     fn drop(&mut self) {
         if self.0 {
-            // SAFETY: restores root's fsuid/fsgid on this thread.
-            unsafe {
-                libc::setfsuid(0);
-                libc::setfsgid(0);
-            }
+            sys::set_fs_ids(0, 0);
+            let _ = sys::set_thread_groups(&[]);
         }
     }
-}
-
-fn check_name(name: &CStr) -> Res<()> {
-    let b = name.to_bytes();
-    if b.is_empty() || b == b"." || b == b".." || b.contains(&b'/') {
-        return Err(libc::EINVAL);
-    }
-    Ok(())
 }
 
 pub fn attr(st: &libc::stat) -> Attr {
@@ -180,23 +175,53 @@ pub fn attr(st: &libc::stat) -> Attr {
     }
 }
 
+/// The setuid/setgid bits a write, truncate or truncating open by an unprivileged caller must
+/// clear (the kernel's `should_remove_suid`: setgid only with group-execute).
+fn kill_bits(mode: libc::mode_t) -> libc::mode_t {
+    let mut bits = mode & libc::S_ISUID;
+    if mode & (libc::S_ISGID | libc::S_IXGRP) == libc::S_ISGID | libc::S_IXGRP {
+        bits |= libc::S_ISGID;
+    }
+    bits
+}
+
+/// Clears setuid/setgid on the open file `fd` (FUSE_HANDLE_KILLPRIV_V2). The daemon may hold
+/// CAP_FSETID, so the host kernel would not do it for us.
+fn kill_suidgid(fd: BorrowedFd<'_>) -> Res<()> {
+    let st = sys::fstat(fd)?;
+    if st.st_mode & libc::S_IFMT == libc::S_IFREG {
+        let bits = kill_bits(st.st_mode);
+        if bits != 0 {
+            sys::fchmod(fd, st.st_mode & 0o7777 & !bits)?;
+        }
+    }
+    Ok(())
+}
+
+/// A zeroed buffer of `n` bytes, or ENOMEM: a guest-sized allocation never aborts the daemon.
+fn buffer(n: usize) -> Res<Vec<u8>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n)?;
+    v.resize(n, 0);
+    Ok(v)
+}
+
 impl Passthrough {
     /// Serves `shared_dir`, holding inodes through `workdir` (which must be on the same file
     /// system for links to work; elsewhere every inode falls back to an fd).
     pub fn new(shared_dir: &Path, workdir: &Path, cfg: FsConfig) -> Result<Self, StoreError> {
         let c = CString::new(shared_dir.as_os_str().as_encoded_bytes())
-            .map_err(|e| StoreError::Io(io::Error::other(e)))?;
-        let root = openat(libc::AT_FDCWD, &c, libc::O_PATH | libc::O_DIRECTORY)?;
+            .map_err(|e| StoreError::Io(std::io::Error::other(e)))?;
+        let root = sys::open_abs(&c, libc::O_PATH | libc::O_DIRECTORY)?;
         let store = InodeStore::with_mode(workdir, root, cfg.inode_store)?;
         // Modes arrive with the guest's umask applied; ours must not mask them again.
-        // SAFETY: plain syscall.
-        unsafe { libc::umask(0) };
+        sys::umask(0);
         let hidden = match (workdir.parent(), workdir.file_name()) {
             (Some(parent), Some(name)) => std::fs::metadata(parent).ok().map(|m| {
                 use std::os::unix::fs::MetadataExt;
                 (
                     (m.dev(), m.ino()),
-                    CString::new(name.as_encoded_bytes()).expect("path without NUL"),
+                    CString::new(name.as_encoded_bytes()).expect("checked by the store"),
                 )
             }),
             _ => None,
@@ -207,8 +232,7 @@ impl Passthrough {
             handles: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             hidden,
-            // SAFETY: plain syscall.
-            switch_creds: unsafe { libc::geteuid() } == 0,
+            switch_creds: sys::geteuid() == 0,
         })
     }
 
@@ -241,7 +265,7 @@ impl Passthrough {
     }
 
     fn inode(&self, id: u64) -> Res<Arc<Inode>> {
-        self.store.get(id).map_err(store_errno)
+        Ok(self.store.get(id)?)
     }
 
     fn handle(&self, fh: u64) -> Res<Arc<FileHandle>> {
@@ -250,10 +274,29 @@ impl Passthrough {
             .unwrap_or_else(PoisonError::into_inner)
             .get(&fh)
             .cloned()
-            .ok_or(libc::EBADF)
+            .ok_or(Errno(libc::EBADF))
     }
 
-    fn add_handle(&self, fd: OwnedFd, inode: u64) -> u64 {
+    /// The open regular file `fh`: a directory handle is EBADF, as is a handle of another node
+    /// when the request names one (`node`).
+    fn file(&self, fh: u64, node: Option<u64>) -> Res<Arc<FileHandle>> {
+        let h = self.handle(fh)?;
+        if h.is_dir || node.is_some_and(|n| n != h.inode) {
+            return err(libc::EBADF);
+        }
+        Ok(h)
+    }
+
+    /// The open directory `fh` of node `node`.
+    fn dir_handle(&self, fh: u64, node: u64) -> Res<Arc<FileHandle>> {
+        let h = self.handle(fh)?;
+        if !h.is_dir || h.inode != node {
+            return err(libc::EBADF);
+        }
+        Ok(h)
+    }
+
+    fn add_handle(&self, fd: OwnedFd, inode: u64, is_dir: bool) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.handles
             .write()
@@ -263,31 +306,32 @@ impl Passthrough {
                 Arc::new(FileHandle {
                     fd,
                     inode,
+                    is_dir,
                     dir: Mutex::new(()),
                 }),
             );
         fh
     }
 
-    fn is_hidden(&self, parent: &Inode, name: &CStr) -> bool {
+    fn is_hidden(&self, parent: &Inode, name: Name<'_>) -> bool {
         self.hidden
             .as_ref()
-            .is_some_and(|(k, n)| *k == parent.key && n.as_c_str() == name)
+            .is_some_and(|(k, n)| *k == parent.key && n.as_bytes() == name.as_bytes())
     }
 
     /// A name the guest may create, remove or rename in `parent`.
-    fn target(&self, parent: &Inode, name: &CStr) -> Res<()> {
-        check_name(name)?;
+    fn target<'n>(&self, parent: &Inode, name: &'n CStr) -> Res<Name<'n>> {
+        let name = Name::new(name)?;
         if self.is_hidden(parent, name) {
-            return Err(libc::EACCES);
+            return err(libc::EACCES);
         }
-        Ok(())
+        Ok(name)
     }
 
     fn dir(&self, id: u64) -> Res<Arc<Inode>> {
         let i = self.inode(id)?;
         if !i.is_dir {
-            return Err(libc::ENOTDIR);
+            return err(libc::ENOTDIR);
         }
         Ok(i)
     }
@@ -316,12 +360,12 @@ impl Passthrough {
     }
 
     pub fn lookup(&self, parent: u64, name: &CStr) -> Res<EntryOut> {
-        check_name(name)?;
+        let name = Name::new(name)?;
         let p = self.dir(parent)?;
         if self.is_hidden(&p, name) {
-            return Err(libc::ENOENT);
+            return err(libc::ENOENT);
         }
-        let (i, st) = self.store.lookup(&p, name).map_err(store_errno)?;
+        let (i, st) = self.store.lookup(&p, name)?;
         Ok(self.entry(&i, &st))
     }
 
@@ -337,69 +381,67 @@ impl Passthrough {
 
     pub fn getattr(&self, id: u64) -> Res<AttrOut> {
         let i = self.inode(id)?;
-        let st = self.store.stat(&i).map_err(errno)?;
+        let st = self.store.stat(&i)?;
         Ok(self.attr_out(&st))
     }
 
     pub fn setattr(&self, id: u64, a: &SetattrIn) -> Res<AttrOut> {
         let i = self.inode(id)?;
+        // The fh, when given, must be an open file of this very node.
         let fh = if a.valid & fattr::FH != 0 {
-            Some(self.handle(a.fh)?)
+            Some(self.file(a.fh, Some(id))?)
         } else {
             None
         };
         let symlink = i.kind == libc::S_IFLNK;
-        let (_keep, dirfd, name) = self.store.at_path(&i).map_err(errno)?;
-        // Linked inodes are reached by their workdir name (not following: it may be a symlink);
-        // the others through /proc/self/fd, which must be followed to reach the inode.
-        let nofollow = if is_proc(dirfd) {
-            0
-        } else {
-            libc::AT_SYMLINK_NOFOLLOW
-        };
-        if a.valid & fattr::MODE != 0 {
-            if symlink {
-                return Err(libc::EOPNOTSUPP);
+        self.store.with_path(&i, |path| {
+            // A symlink is reached through /proc only by following the magic link, which
+            // chmod/chown/utimens would take to the link's target: refuse instead.
+            let unsupported = || std::io::Error::from_raw_os_error(libc::EOPNOTSUPP);
+            if a.valid & fattr::MODE != 0 {
+                if symlink {
+                    return Err(unsupported());
+                }
+                match &fh {
+                    Some(h) => sys::fchmod(h.fd.as_fd(), a.mode & 0o7777)?,
+                    None => path.chmod(a.mode & 0o7777)?,
+                }
             }
-            // SAFETY: valid fds and C strings.
-            cvt(match &fh {
-                Some(h) => unsafe { libc::fchmod(h.fd.as_raw_fd(), a.mode & 0o7777) },
-                None => unsafe { libc::fchmodat(dirfd, name.as_ptr(), a.mode & 0o7777, 0) },
-            })
-            .map_err(errno)?;
-        }
-        if a.valid & (fattr::UID | fattr::GID) != 0 {
-            let uid = if a.valid & fattr::UID != 0 {
-                a.uid
-            } else {
-                u32::MAX
-            };
-            let gid = if a.valid & fattr::GID != 0 {
-                a.gid
-            } else {
-                u32::MAX
-            };
-            if symlink && is_proc(dirfd) {
-                return Err(libc::EOPNOTSUPP);
+            if a.valid & (fattr::UID | fattr::GID) != 0 {
+                if symlink && path.follows() {
+                    return Err(unsupported());
+                }
+                let uid = if a.valid & fattr::UID != 0 {
+                    a.uid
+                } else {
+                    u32::MAX
+                };
+                let gid = if a.valid & fattr::GID != 0 {
+                    a.gid
+                } else {
+                    u32::MAX
+                };
+                // chown clears setuid/setgid itself, even for root.
+                path.chown(uid, gid)?;
             }
-            // SAFETY: valid fd and C string.
-            cvt(unsafe { libc::fchownat(dirfd, name.as_ptr(), uid, gid, nofollow) })
-                .map_err(errno)?;
-        }
+            Ok(())
+        })?;
         if a.valid & fattr::SIZE != 0 {
             if i.kind != libc::S_IFREG {
-                return Err(libc::EINVAL);
+                return err(libc::EINVAL);
             }
             let opened;
             let fd = match &fh {
-                Some(h) => h.fd.as_raw_fd(),
+                Some(h) => h.fd.as_fd(),
                 None => {
-                    opened = self.store.open(&i, libc::O_WRONLY).map_err(errno)?;
-                    opened.as_raw_fd()
+                    opened = self.store.open(&i, libc::O_WRONLY)?;
+                    opened.as_fd()
                 }
             };
-            // SAFETY: valid fd.
-            cvt(unsafe { libc::ftruncate(fd, a.size as libc::off_t) }).map_err(errno)?;
+            if a.valid & fattr::KILL_SUIDGID != 0 {
+                kill_suidgid(fd)?;
+            }
+            sys::ftruncate(fd, a.size)?;
         }
         if a.valid & (fattr::ATIME | fattr::MTIME) != 0 {
             let ts = |set: u32, now: u32, sec: u64, nsec: u32| libc::timespec {
@@ -416,89 +458,77 @@ impl Passthrough {
                 ts(fattr::ATIME, fattr::ATIME_NOW, a.atime, a.atimensec),
                 ts(fattr::MTIME, fattr::MTIME_NOW, a.mtime, a.mtimensec),
             ];
-            if symlink && is_proc(dirfd) {
-                return Err(libc::EOPNOTSUPP);
-            }
-            // SAFETY: valid fd, C string and two timespecs.
-            cvt(unsafe { libc::utimensat(dirfd, name.as_ptr(), times.as_ptr(), nofollow) })
-                .map_err(errno)?;
+            self.store.with_path(&i, |path| {
+                if symlink && path.follows() {
+                    return Err(std::io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+                }
+                path.utimens(&times)
+            })?;
         }
-        let st = self.store.stat(&i).map_err(errno)?;
+        let st = self.store.stat(&i)?;
         Ok(self.attr_out(&st))
     }
 
     pub fn readlink(&self, id: u64) -> Res<Vec<u8>> {
         let i = self.inode(id)?;
         if i.kind != libc::S_IFLNK {
-            return Err(libc::EINVAL);
+            return err(libc::EINVAL);
         }
-        self.store.readlink(&i).map_err(errno)
+        Ok(self.store.readlink(&i)?)
     }
 
-    /// Runs `make(parent_fd)` as the caller, then looks the new name up.
+    /// Runs `make(parent_fd, name)` as the caller, then looks the new name up.
     fn make(
         &self,
         c: Caller,
         parent: u64,
         name: &CStr,
-        make: impl FnOnce(RawFd) -> libc::c_int,
+        make: impl FnOnce(BorrowedFd<'_>, Name<'_>) -> std::io::Result<()>,
     ) -> Res<EntryOut> {
         let p = self.dir(parent)?;
-        self.target(&p, name)?;
-        let pfd = self.store.path_fd(&p).map_err(errno)?;
+        let name = self.target(&p, name)?;
+        let pfd = self.store.path_fd(&p)?;
         {
-            let _as = AsCaller::new(self.switch_creds, c);
-            cvt(make(pfd.as_raw_fd())).map_err(errno)?;
+            let _as = AsCaller::new(self.switch_creds, c)?;
+            make(pfd.as_fd(), name)?;
         }
-        let (i, st) = self.store.lookup(&p, name).map_err(store_errno)?;
+        let (i, st) = self.store.lookup(&p, name)?;
         Ok(self.entry(&i, &st))
     }
 
     pub fn mkdir(&self, c: Caller, parent: u64, a: &MkdirIn, name: &CStr) -> Res<EntryOut> {
-        // SAFETY: valid fd and C string.
-        self.make(c, parent, name, |fd| unsafe {
-            libc::mkdirat(fd, name.as_ptr(), a.mode & 0o7777)
+        self.make(c, parent, name, |fd, n| {
+            sys::mkdirat(fd, n, a.mode & 0o7777)
         })
     }
 
+    /// MKNOD creates whatever the guest asks for (its device nodes and FIFOs are its own
+    /// business); such nodes are never opened on the host afterwards.
     pub fn mknod(&self, c: Caller, parent: u64, a: &MknodIn, name: &CStr) -> Res<EntryOut> {
-        // SAFETY: valid fd and C string.
-        self.make(c, parent, name, |fd| unsafe {
-            libc::mknodat(fd, name.as_ptr(), a.mode, libc::dev_t::from(a.rdev))
+        self.make(c, parent, name, |fd, n| {
+            sys::mknodat(fd, n, a.mode, libc::dev_t::from(a.rdev))
         })
     }
 
     pub fn symlink(&self, c: Caller, parent: u64, name: &CStr, target: &CStr) -> Res<EntryOut> {
-        // SAFETY: valid fd and C strings.
-        self.make(c, parent, name, |fd| unsafe {
-            libc::symlinkat(target.as_ptr(), fd, name.as_ptr())
-        })
+        self.make(c, parent, name, |fd, n| sys::symlinkat(target, fd, n))
     }
 
     pub fn link(&self, c: Caller, old: u64, parent: u64, name: &CStr) -> Res<EntryOut> {
         let o = self.inode(old)?;
         if o.is_dir {
-            return Err(libc::EPERM);
+            return err(libc::EPERM);
         }
-        let (_keep, odir, oname) = self.store.at_path(&o).map_err(errno)?;
-        let follow = if is_proc(odir) {
-            libc::AT_SYMLINK_FOLLOW
-        } else {
-            0
-        };
-        // SAFETY: valid fds and C strings.
-        self.make(c, parent, name, |fd| unsafe {
-            libc::linkat(odir, oname.as_ptr(), fd, name.as_ptr(), follow)
+        self.make(c, parent, name, |fd, n| {
+            self.store.with_path(&o, |path| path.link_to(fd, n))
         })
     }
 
     fn remove(&self, parent: u64, name: &CStr, flags: libc::c_int) -> Res<()> {
         let p = self.dir(parent)?;
-        self.target(&p, name)?;
-        let pfd = self.store.path_fd(&p).map_err(errno)?;
-        // SAFETY: valid fd and C string.
-        cvt(unsafe { libc::unlinkat(pfd.as_raw_fd(), name.as_ptr(), flags) }).map_err(errno)?;
-        Ok(())
+        let name = self.target(&p, name)?;
+        let pfd = self.store.path_fd(&p)?;
+        Ok(sys::unlinkat(pfd.as_fd(), name, flags)?)
     }
 
     pub fn unlink(&self, parent: u64, name: &CStr) -> Res<()> {
@@ -512,27 +542,13 @@ impl Passthrough {
     pub fn rename(&self, parent: u64, old: &CStr, newdir: u64, new: &CStr, flags: u32) -> Res<()> {
         let known = libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE | libc::RENAME_WHITEOUT;
         if flags & !known != 0 {
-            return Err(libc::EINVAL);
+            return err(libc::EINVAL);
         }
         let (p, n) = (self.dir(parent)?, self.dir(newdir)?);
-        self.target(&p, old)?;
-        self.target(&n, new)?;
-        let (pfd, nfd) = (
-            self.store.path_fd(&p).map_err(errno)?,
-            self.store.path_fd(&n).map_err(errno)?,
-        );
-        // SAFETY: valid fds and C strings.
-        cvt(unsafe {
-            libc::renameat2(
-                pfd.as_raw_fd(),
-                old.as_ptr(),
-                nfd.as_raw_fd(),
-                new.as_ptr(),
-                flags,
-            )
-        })
-        .map_err(errno)?;
-        Ok(())
+        let old = self.target(&p, old)?;
+        let new = self.target(&n, new)?;
+        let (pfd, nfd) = (self.store.path_fd(&p)?, self.store.path_fd(&n)?);
+        Ok(sys::renameat2(pfd.as_fd(), old, nfd.as_fd(), new, flags)?)
     }
 
     fn open_flags(&self, flags: u32) -> libc::c_int {
@@ -567,20 +583,39 @@ impl Passthrough {
         }
     }
 
-    pub fn open(&self, id: u64, a: &OpenIn) -> Res<OpenOut> {
-        let i = self.inode(id)?;
+    /// Opens a regular file with the guest's open flags through `open`. With `kill` (the
+    /// KILLPRIV request of an unprivileged caller) a truncating open clears setuid/setgid first.
+    fn open_regular(
+        &self,
+        i: &Inode,
+        flags: u32,
+        kill: bool,
+        open: impl FnOnce(libc::c_int) -> std::io::Result<OwnedFd>,
+    ) -> Res<OwnedFd> {
         match i.kind {
             libc::S_IFREG => {}
-            libc::S_IFDIR => return Err(libc::EISDIR),
-            libc::S_IFLNK => return Err(libc::ELOOP),
-            // Device nodes and FIFOs are the guest's business, never opened on the host.
-            _ => return Err(libc::ENXIO),
+            libc::S_IFDIR => return err(libc::EISDIR),
+            // What an O_NOFOLLOW open of a symlink answers.
+            libc::S_IFLNK => return err(libc::ELOOP),
+            // Device nodes, FIFOs and sockets are the guest's business: EBADF, as
+            // virtiofsd answers (CVE-2020-35517).
+            _ => return err(libc::EBADF),
         }
-        let fd = self
-            .store
-            .open(&i, self.open_flags(a.flags))
-            .map_err(errno)?;
-        Ok(self.open_out(self.add_handle(fd, id), false))
+        let flags = self.open_flags(flags);
+        if !(kill && flags & libc::O_TRUNC != 0) {
+            return Ok(open(flags)?);
+        }
+        let fd = open(flags & !libc::O_TRUNC)?;
+        kill_suidgid(fd.as_fd())?;
+        sys::ftruncate(fd.as_fd(), 0)?;
+        Ok(fd)
+    }
+
+    pub fn open(&self, id: u64, a: &OpenIn) -> Res<OpenOut> {
+        let i = self.inode(id)?;
+        let kill = a.open_flags & OPEN_KILL_SUIDGID != 0;
+        let fd = self.open_regular(&i, a.flags, kill, |f| self.store.open(&i, f))?;
+        Ok(self.open_out(self.add_handle(fd, id, false), false))
     }
 
     pub fn create(
@@ -591,170 +626,176 @@ impl Passthrough {
         name: &CStr,
     ) -> Res<(EntryOut, OpenOut)> {
         let p = self.dir(parent)?;
-        self.target(&p, name)?;
-        let pfd = self.store.path_fd(&p).map_err(errno)?;
-        let flags = self.open_flags(a.flags) | (a.flags as libc::c_int & libc::O_EXCL);
-        let fd = {
-            let _as = AsCaller::new(self.switch_creds, c);
-            openat_mode(
-                pfd.as_raw_fd(),
+        let name = self.target(&p, name)?;
+        let pfd = self.store.path_fd(&p)?;
+        // Always exclusive: opening a name that already exists must go through the type check,
+        // or the guest could plant a device node or FIFO and have us open it.
+        let made = {
+            let _as = AsCaller::new(self.switch_creds, c)?;
+            sys::openat(
+                pfd.as_fd(),
                 name,
-                flags | libc::O_CREAT | libc::O_NOFOLLOW,
+                self.open_flags(a.flags) | libc::O_CREAT | libc::O_EXCL,
                 a.mode & 0o7777,
             )
-            .map_err(errno)?
         };
-        let (i, st) = self.store.lookup(&p, name).map_err(store_errno)?;
-        let fh = self.add_handle(fd, i.id);
+        let fd = match made {
+            Ok(fd) => fd,
+            Err(e)
+                if e.raw_os_error() == Some(libc::EEXIST) && a.flags as i32 & libc::O_EXCL == 0 =>
+            {
+                return self.create_existing(c, &p, name, a)
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let (i, st) = self.store.lookup(&p, name)?;
+        let fh = self.add_handle(fd, i.id, false);
         Ok((self.entry(&i, &st), self.open_out(fh, false)))
+    }
+
+    /// CREATE without O_EXCL of a name that exists: opened as OPEN would (regular files only),
+    /// as the caller, so the host checks the caller's permission on the existing file.
+    fn create_existing(
+        &self,
+        c: Caller,
+        p: &Inode,
+        name: Name<'_>,
+        a: &CreateIn,
+    ) -> Res<(EntryOut, OpenOut)> {
+        let (i, st) = self.store.lookup(p, name)?;
+        let kill = a.open_flags & OPEN_KILL_SUIDGID != 0;
+        let opened = self.open_regular(&i, a.flags, kill, |flags| {
+            let path = self.store.path_fd(&i)?;
+            let _as = AsCaller::new(self.switch_creds, c)?;
+            sys::reopen(path.as_fd(), flags)
+        });
+        match opened {
+            Ok(fd) => {
+                let st = if a.flags as i32 & libc::O_TRUNC != 0 {
+                    self.store.stat(&i)?
+                } else {
+                    st
+                };
+                let fh = self.add_handle(fd, i.id, false);
+                Ok((self.entry(&i, &st), self.open_out(fh, false)))
+            }
+            Err(e) => {
+                // The guest gets no entry, so it holds no reference to drop later.
+                self.store.forget(i.id, 1);
+                Err(e)
+            }
+        }
     }
 
     pub fn tmpfile(&self, c: Caller, parent: u64, a: &CreateIn) -> Res<(EntryOut, OpenOut)> {
         let p = self.dir(parent)?;
-        let pfd = self.store.path_fd(&p).map_err(errno)?;
-        let dir =
-            openat(pfd.as_raw_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY).map_err(errno)?;
+        let dir = self.store.open(&p, libc::O_RDONLY | libc::O_DIRECTORY)?;
         let flags = (self.open_flags(a.flags) & !libc::O_ACCMODE) | libc::O_RDWR;
         let fd = {
-            let _as = AsCaller::new(self.switch_creds, c);
-            openat_mode(
-                dir.as_raw_fd(),
-                c".",
-                flags | libc::O_TMPFILE,
-                a.mode & 0o7777,
-            )
-            .map_err(errno)?
+            let _as = AsCaller::new(self.switch_creds, c)?;
+            sys::open_tmpfile(dir.as_fd(), flags, a.mode & 0o7777)?
         };
-        let (proc, fdname) = via_proc(fd.as_raw_fd());
-        let path = openat(proc, &fdname, libc::O_PATH).map_err(errno)?;
-        let (i, st) = self.store.adopt(path).map_err(store_errno)?;
-        let fh = self.add_handle(fd, i.id);
+        let path = sys::reopen(fd.as_fd(), libc::O_PATH)?;
+        let (i, st) = self.store.adopt(path)?;
+        let fh = self.add_handle(fd, i.id, false);
         Ok((self.entry(&i, &st), self.open_out(fh, false)))
     }
 
-    pub fn read(&self, a: &ReadIn) -> Res<Vec<u8>> {
-        let h = self.handle(a.fh)?;
-        let mut buf = vec![0u8; a.size as usize];
-        // SAFETY: valid fd and buffer.
-        let n = cvt_size(unsafe {
-            libc::pread(
-                h.fd.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                a.offset as libc::off_t,
-            )
-        })
-        .map_err(errno)?;
+    /// READ of at most `max` bytes (the caller bounds `a.size` by the negotiated maximum).
+    pub fn read(&self, id: u64, a: &ReadIn) -> Res<Vec<u8>> {
+        let h = self.file(a.fh, Some(id))?;
+        let mut buf = buffer(a.size as usize)?;
+        let n = sys::pread(h.fd.as_fd(), &mut buf, a.offset)?;
         buf.truncate(n);
         Ok(buf)
     }
 
-    pub fn write(&self, a: &ReadIn, data: &[u8]) -> Res<WriteOut> {
-        let h = self.handle(a.fh)?;
-        // SAFETY: valid fd and buffer.
-        let n = cvt_size(unsafe {
-            libc::pwrite(
-                h.fd.as_raw_fd(),
-                data.as_ptr().cast(),
-                data.len(),
-                a.offset as libc::off_t,
-            )
-        })
-        .map_err(errno)?;
+    pub fn write(&self, id: u64, a: &ReadIn, data: &[u8]) -> Res<WriteOut> {
+        let h = self.file(a.fh, Some(id))?;
+        if a.flags_rw & WRITE_KILL_SUIDGID != 0 {
+            kill_suidgid(h.fd.as_fd())?;
+        }
+        let n = sys::pwrite(h.fd.as_fd(), data, a.offset)?;
         Ok(WriteOut {
             size: n as u32,
             padding: 0,
         })
     }
 
-    pub fn flush(&self, fh: u64) -> Res<()> {
-        self.handle(fh).map(|_| ())
+    pub fn flush(&self, id: u64, fh: u64) -> Res<()> {
+        self.file(fh, Some(id)).map(drop)
     }
 
-    pub fn release(&self, fh: u64) -> Res<()> {
+    fn drop_handle(&self, fh: u64) {
         self.handles
             .write()
             .unwrap_or_else(PoisonError::into_inner)
-            .remove(&fh)
-            .map(|_| ())
-            .ok_or(libc::EBADF)
+            .remove(&fh);
     }
 
-    pub fn fsync(&self, fh: u64, datasync: bool) -> Res<()> {
-        let h = self.handle(fh)?;
-        let fd = h.fd.as_raw_fd();
-        // SAFETY: valid fd.
-        cvt(unsafe {
-            if datasync {
-                libc::fdatasync(fd)
-            } else {
-                libc::fsync(fd)
-            }
-        })
-        .map_err(errno)?;
+    pub fn release(&self, id: u64, fh: u64) -> Res<()> {
+        self.file(fh, Some(id))?;
+        self.drop_handle(fh);
         Ok(())
     }
 
-    pub fn fallocate(&self, a: &FallocateIn) -> Res<()> {
-        let h = self.handle(a.fh)?;
-        // SAFETY: valid fd.
-        cvt(unsafe {
-            libc::fallocate(
-                h.fd.as_raw_fd(),
-                a.mode as libc::c_int,
-                a.offset as libc::off_t,
-                a.length as libc::off_t,
-            )
-        })
-        .map_err(errno)?;
+    pub fn releasedir(&self, id: u64, fh: u64) -> Res<()> {
+        self.dir_handle(fh, id)?;
+        self.drop_handle(fh);
         Ok(())
     }
 
-    pub fn lseek(&self, a: &LseekIn) -> Res<LseekOut> {
-        let h = self.handle(a.fh)?;
-        // SAFETY: valid fd.
-        let r = unsafe {
-            libc::lseek(
-                h.fd.as_raw_fd(),
-                a.offset as libc::off_t,
-                a.whence as libc::c_int,
-            )
-        };
-        if r < 0 {
-            return Err(errno(io::Error::last_os_error()));
-        }
-        Ok(LseekOut { offset: r as u64 })
+    pub fn fsync(&self, id: u64, fh: u64, datasync: bool) -> Res<()> {
+        let h = self.file(fh, Some(id))?;
+        Ok(sys::fsync(h.fd.as_fd(), datasync)?)
     }
 
-    pub fn copy_file_range(&self, a: &CopyFileRangeIn) -> Res<WriteOut> {
-        let (i, o) = (self.handle(a.fh_in)?, self.handle(a.fh_out)?);
-        let (mut off_in, mut off_out) = (a.off_in as libc::loff_t, a.off_out as libc::loff_t);
-        // SAFETY: valid fds and offsets.
-        let n = cvt_size(unsafe {
-            libc::copy_file_range(
-                i.fd.as_raw_fd(),
-                &mut off_in,
-                o.fd.as_raw_fd(),
-                &mut off_out,
-                a.len as usize,
-                a.flags as libc::c_uint,
-            )
-        })
-        .map_err(errno)?;
+    pub fn fsyncdir(&self, id: u64, fh: u64, datasync: bool) -> Res<()> {
+        let h = self.dir_handle(fh, id)?;
+        Ok(sys::fsync(h.fd.as_fd(), datasync)?)
+    }
+
+    pub fn fallocate(&self, id: u64, a: &FallocateIn) -> Res<()> {
+        let h = self.file(a.fh, Some(id))?;
+        Ok(sys::fallocate(
+            h.fd.as_fd(),
+            a.mode as i32,
+            a.offset,
+            a.length,
+        )?)
+    }
+
+    pub fn lseek(&self, id: u64, a: &LseekIn) -> Res<LseekOut> {
+        let h = self.file(a.fh, Some(id))?;
+        let offset = sys::lseek(h.fd.as_fd(), a.offset, a.whence as i32)?;
+        Ok(LseekOut { offset })
+    }
+
+    pub fn copy_file_range(&self, id: u64, a: &CopyFileRangeIn) -> Res<WriteOut> {
+        let (i, o) = (
+            self.file(a.fh_in, Some(id))?,
+            self.file(a.fh_out, Some(a.nodeid_out))?,
+        );
+        // The reply counts in 32 bits: never copy more than it can say.
+        let len = (a.len as usize).min(u32::MAX as usize & !0xfff);
+        let n = sys::copy_file_range(
+            i.fd.as_fd(),
+            a.off_in,
+            o.fd.as_fd(),
+            a.off_out,
+            len,
+            a.flags as u32,
+        )?;
         Ok(WriteOut {
-            size: n.min(u32::MAX as usize) as u32,
+            size: n as u32,
             padding: 0,
         })
     }
 
     pub fn statfs(&self, id: u64) -> Res<Kstatfs> {
         let i = self.inode(id)?;
-        let fd = self.store.path_fd(&i).map_err(errno)?;
-        let mut s = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
-        // SAFETY: valid fd and out pointer.
-        cvt(unsafe { libc::fstatvfs(fd.as_raw_fd(), s.as_mut_ptr()) }).map_err(errno)?;
-        // SAFETY: fstatvfs succeeded.
-        let s = unsafe { s.assume_init() };
+        let fd = self.store.path_fd(&i)?;
+        let s = sys::fstatvfs(fd.as_fd())?;
         Ok(Kstatfs {
             blocks: s.f_blocks,
             bfree: s.f_bfree,
@@ -770,13 +811,8 @@ impl Passthrough {
 
     pub fn syncfs(&self) -> Res<()> {
         let root = self.inode(ROOT_ID)?;
-        let fd = self
-            .store
-            .open(&root, libc::O_RDONLY | libc::O_DIRECTORY)
-            .map_err(errno)?;
-        // SAFETY: valid fd.
-        cvt(unsafe { libc::syncfs(fd.as_raw_fd()) }).map_err(errno)?;
-        Ok(())
+        let fd = self.store.open(&root, libc::O_RDONLY | libc::O_DIRECTORY)?;
+        Ok(sys::syncfs(fd.as_fd())?)
     }
 
     pub fn access(&self, id: u64, mask: u32) -> Res<()> {
@@ -784,61 +820,38 @@ impl Passthrough {
         if i.kind == libc::S_IFLNK {
             return Ok(());
         }
-        let (_keep, dirfd, name) = self.store.at_path(&i).map_err(errno)?;
-        // SAFETY: valid fd and C string.
-        cvt(unsafe { libc::faccessat(dirfd, name.as_ptr(), mask as libc::c_int, 0) })
-            .map_err(errno)?;
-        Ok(())
+        Ok(self
+            .store
+            .with_path(&i, |path| path.access(mask as libc::c_int))?)
     }
 
     /// An fd for the f*xattr calls. Only regular files and directories carry the xattrs a
     /// guest may set (`user.*` is refused on the rest by Linux), and only they are safe to open.
     fn xattr_fd(&self, id: u64) -> Res<OwnedFd> {
         if !self.cfg.xattr {
-            return Err(libc::ENOSYS);
+            return err(libc::ENOSYS);
         }
         let i = self.inode(id)?;
         let flags = match i.kind {
             libc::S_IFREG => libc::O_RDONLY | libc::O_NONBLOCK,
             libc::S_IFDIR => libc::O_RDONLY | libc::O_DIRECTORY,
-            _ => return Err(libc::EPERM),
+            _ => return err(libc::EPERM),
         };
-        self.store.open(&i, flags).map_err(errno)
+        Ok(self.store.open(&i, flags)?)
     }
 
     pub fn setxattr(&self, id: u64, a: &SetxattrIn, name: &CStr, value: &[u8]) -> Res<()> {
         let fd = self.xattr_fd(id)?;
-        // SAFETY: valid fd, C string and buffer.
-        cvt(unsafe {
-            libc::fsetxattr(
-                fd.as_raw_fd(),
-                name.as_ptr(),
-                value.as_ptr().cast(),
-                value.len(),
-                a.flags as libc::c_int,
-            )
-        })
-        .map_err(errno)?;
-        Ok(())
+        Ok(sys::fsetxattr(fd.as_fd(), name, value, a.flags as i32)?)
     }
 
-    /// GETXATTR and LISTXATTR: with `size == 0` the reply is the needed size, else the bytes.
+    /// GETXATTR (`name`) and LISTXATTR (`None`): with `size == 0` the reply is the needed size,
+    /// else the bytes. Linux never returns more than [`XATTR_SIZE_MAX`], so a larger guest size
+    /// allocates no more than that.
     pub fn getxattr(&self, id: u64, name: Option<&CStr>, size: u32) -> Res<Result<Vec<u8>, u32>> {
         let fd = self.xattr_fd(id)?;
-        let mut buf = vec![0u8; size as usize];
-        let ptr = if size == 0 {
-            std::ptr::null_mut()
-        } else {
-            buf.as_mut_ptr()
-        };
-        // SAFETY: valid fd, C string and buffer (null with length 0 asks for the size).
-        let n = cvt_size(unsafe {
-            match name {
-                Some(n) => libc::fgetxattr(fd.as_raw_fd(), n.as_ptr(), ptr.cast(), buf.len()),
-                None => libc::flistxattr(fd.as_raw_fd(), ptr.cast(), buf.len()),
-            }
-        })
-        .map_err(errno)?;
+        let mut buf = buffer(size.min(XATTR_SIZE_MAX) as usize)?;
+        let n = sys::fgetxattr(fd.as_fd(), name, &mut buf)?;
         if size == 0 {
             return Ok(Err(n as u32));
         }
@@ -848,87 +861,60 @@ impl Passthrough {
 
     pub fn removexattr(&self, id: u64, name: &CStr) -> Res<()> {
         let fd = self.xattr_fd(id)?;
-        // SAFETY: valid fd and C string.
-        cvt(unsafe { libc::fremovexattr(fd.as_raw_fd(), name.as_ptr()) }).map_err(errno)?;
-        Ok(())
+        Ok(sys::fremovexattr(fd.as_fd(), name)?)
     }
 
     pub fn opendir(&self, id: u64) -> Res<OpenOut> {
         let i = self.dir(id)?;
-        let fd = self
-            .store
-            .open(&i, libc::O_RDONLY | libc::O_DIRECTORY)
-            .map_err(errno)?;
-        Ok(self.open_out(self.add_handle(fd, id), true))
+        let fd = self.store.open(&i, libc::O_RDONLY | libc::O_DIRECTORY)?;
+        Ok(self.open_out(self.add_handle(fd, id, true), true))
     }
 
-    /// READDIR and READDIRPLUS: entries from the cookie `a.offset` on, as many as fit `a.size`.
-    pub fn readdir(&self, id: u64, a: &ReadIn, plus: bool) -> Res<Vec<u8>> {
-        let h = self.handle(a.fh)?;
-        if h.inode != id {
-            return Err(libc::EBADF);
-        }
+    /// READDIR and READDIRPLUS: entries from the cookie `a.offset` on, as many as fit `a.size`
+    /// (itself bounded by `max`).
+    pub fn readdir(&self, id: u64, a: &ReadIn, plus: bool, max: usize) -> Res<Vec<u8>> {
+        let h = self.dir_handle(a.fh, id)?;
         let dir = self.inode(id)?;
-        let size = (a.size as usize).min(1 << 20);
+        let size = (a.size as usize).min(max);
         let _g = h.dir.lock().unwrap_or_else(PoisonError::into_inner);
-        let fd = h.fd.as_raw_fd();
-        // SAFETY: valid fd; the offset is a cookie from an earlier getdents64.
-        if unsafe { libc::lseek(fd, a.offset as libc::off_t, libc::SEEK_SET) } < 0 {
-            return Err(errno(io::Error::last_os_error()));
-        }
-        let mut out = Vec::with_capacity(size);
-        let mut buf = vec![0u8; size.clamp(4096, 64 << 10)];
+        let fd = h.fd.as_fd();
+        sys::seekdir(fd, a.offset)?;
+        let mut out = Vec::new();
+        out.try_reserve_exact(size)?;
+        let mut buf = buffer(size.clamp(4096, 64 << 10))?;
         loop {
-            // SAFETY: valid fd and buffer.
-            let n = unsafe { libc::syscall(libc::SYS_getdents64, fd, buf.as_mut_ptr(), buf.len()) };
-            if n < 0 {
-                return Err(errno(io::Error::last_os_error()));
-            }
-            if n == 0 {
+            let batch = sys::getdents(fd, &mut buf)?;
+            if batch.is_empty() {
                 return Ok(out);
             }
-            let mut pos = 0usize;
-            while pos + 19 <= n as usize {
-                // linux_dirent64: d_ino u64, d_off i64, d_reclen u16, d_type u8, d_name.
-                let rec = &buf[pos..n as usize];
-                let ino = u64::from_ne_bytes(rec[0..8].try_into().expect("8 bytes"));
-                let off = u64::from_ne_bytes(rec[8..16].try_into().expect("8 bytes"));
-                let reclen = u16::from_ne_bytes(rec[16..18].try_into().expect("2 bytes")) as usize;
-                let typ = rec[18];
-                if reclen < 19 || reclen > rec.len() {
-                    return Err(libc::EIO);
-                }
-                pos += reclen;
-                let Ok(name) = CStr::from_bytes_until_nul(&rec[19..reclen]) else {
-                    continue;
-                };
-                if self.is_hidden(&dir, name) {
+            for e in batch {
+                let e = e?;
+                let nb = e.name.to_bytes();
+                let name = Name::new(e.name).ok();
+                if name.is_some_and(|n| self.is_hidden(&dir, n)) {
                     continue;
                 }
-                let nb = name.to_bytes();
                 let dsz = dirent_size(nb.len());
                 let need = dsz + if plus { size_of::<EntryOut>() } else { 0 };
                 if out.len() + need > size {
+                    // Not sent: the next READDIR starts again at this entry's cookie, so the
+                    // directory position must not have moved past it.
                     return Ok(out);
                 }
                 if plus {
                     // "." and ".." (and names that vanished) go without attributes: node 0.
-                    let e = if nb == b"." || nb == b".." {
-                        EntryOut::default()
-                    } else {
-                        openat(fd, name, libc::O_PATH | libc::O_NOFOLLOW)
-                            .map_err(StoreError::from)
-                            .and_then(|f| self.store.adopt(f))
-                            .map(|(i, st)| self.entry(&i, &st))
-                            .unwrap_or_default()
-                    };
-                    out.extend_from_slice(e.as_bytes());
+                    let entry = name
+                        .and_then(|n| sys::open_path(fd, n).ok())
+                        .and_then(|f| self.store.adopt(f).ok())
+                        .map(|(i, st)| self.entry(&i, &st))
+                        .unwrap_or_default();
+                    out.extend_from_slice(entry.as_bytes());
                 }
                 let d = Dirent {
-                    ino,
-                    off,
+                    ino: e.ino,
+                    off: e.off,
                     namelen: nb.len() as u32,
-                    typ: u32::from(typ),
+                    typ: u32::from(e.typ),
                 };
                 let start = out.len();
                 out.extend_from_slice(d.as_bytes());
@@ -936,9 +922,5 @@ impl Passthrough {
                 out.resize(start + dsz, 0);
             }
         }
-    }
-
-    pub fn releasedir(&self, fh: u64) -> Res<()> {
-        self.release(fh)
     }
 }

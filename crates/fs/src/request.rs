@@ -13,6 +13,8 @@ use crate::abi::*;
 pub struct Request<'a> {
     pub header: InHeader,
     pub op: Op<'a>,
+    /// The supplementary group of a create-type request's extension (`FUSE_EXT_GROUPS`).
+    pub supp_group: Option<u32>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -102,6 +104,8 @@ pub enum DecodeError {
     Truncated { opcode: u32 },
     #[error("opcode {opcode}: a name is not NUL-terminated")]
     Unterminated { opcode: u32 },
+    #[error("opcode {opcode}: malformed request extension")]
+    BadExtension { opcode: u32 },
 }
 
 impl DecodeError {
@@ -158,8 +162,20 @@ pub fn decode(msg: &[u8]) -> Result<Request<'_>, DecodeError> {
             got: msg.len(),
         });
     }
+    // Extensions (in 8-byte units) close the message, after the arguments.
+    let body = &msg[size_of::<InHeader>()..said];
+    let ext_len = usize::from(header.total_extlen) * 8;
+    let Some(args_len) = body.len().checked_sub(ext_len) else {
+        return Err(DecodeError::BadExtension {
+            opcode: header.opcode,
+        });
+    };
+    let (args, ext) = body.split_at(args_len);
+    let supp_group = decode_extensions(ext).ok_or(DecodeError::BadExtension {
+        opcode: header.opcode,
+    })?;
     let mut a = Args {
-        rest: &msg[size_of::<InHeader>()..said],
+        rest: args,
         opcode: header.opcode,
     };
     use opcode::*;
@@ -273,7 +289,37 @@ pub fn decode(msg: &[u8]) -> Result<Request<'_>, DecodeError> {
         INTERRUPT => Op::Interrupt(a.take()?),
         other => Op::Unsupported(other),
     };
-    Ok(Request { header, op })
+    Ok(Request {
+        header,
+        op,
+        supp_group,
+    })
+}
+
+/// Walks the extension records (`fuse_ext_header { size, type }`, each a multiple of 8 bytes)
+/// and returns the supplementary group, if one is sent; `None` when a record is malformed.
+fn decode_extensions(mut ext: &[u8]) -> Option<Option<u32>> {
+    let mut group = None;
+    while !ext.is_empty() {
+        let (h, _) = ExtHeader::read_from_prefix(ext).ok()?;
+        let size = h.size as usize;
+        if size < size_of::<ExtHeader>() || !size.is_multiple_of(8) || size > ext.len() {
+            return None;
+        }
+        let (rec, rest) = ext.split_at(size);
+        if h.typ == EXT_GROUPS {
+            let body = &rec[size_of::<ExtHeader>()..];
+            let (n, groups) = u32::read_from_prefix(body).ok()?;
+            // The kernel sends exactly one group: the parent directory's, which the caller is
+            // in. More is not a request we understand.
+            if n != 1 {
+                return None;
+            }
+            group = Some(u32::read_from_prefix(groups).ok()?.0);
+        }
+        ext = rest;
+    }
+    Some(group)
 }
 
 /// The opcodes that get no reply.
@@ -570,5 +616,71 @@ mod tests {
         let mut m = msg(opcode::LOOKUP, b"abc\0");
         m.extend_from_slice(b"junk");
         assert_eq!(decode(&m).unwrap().op, Op::Lookup(c"abc"));
+    }
+
+    /// A create-type request with `ext` appended as its extension area.
+    fn with_ext(opcode: u32, args: &[u8], ext: &[u8]) -> Vec<u8> {
+        let mut m = msg(opcode, &cat(&[args, ext]));
+        let mut h = InHeader::read_from_prefix(&m).unwrap().0;
+        h.total_extlen = (ext.len() / 8) as u16;
+        m[..size_of::<InHeader>()].copy_from_slice(h.as_bytes());
+        m
+    }
+
+    fn groups_ext(groups: &[u32]) -> Vec<u8> {
+        let mut body = (groups.len() as u32).to_le_bytes().to_vec();
+        for g in groups {
+            body.extend_from_slice(&g.to_le_bytes());
+        }
+        body.resize(body.len().next_multiple_of(8), 0);
+        let h = ExtHeader {
+            size: (size_of::<ExtHeader>() + body.len()) as u32,
+            typ: EXT_GROUPS,
+        };
+        cat(&[h.as_bytes(), &body])
+    }
+
+    #[test]
+    fn the_supplementary_group_extension() {
+        let mk = MkdirIn {
+            mode: 0o755,
+            umask: 0,
+        };
+        let args = cat(&[mk.as_bytes(), b"d\0\0\0\0\0\0\0"]);
+        let m = with_ext(opcode::MKDIR, &args, &groups_ext(&[1234]));
+        let r = decode(&m).unwrap();
+        assert_eq!(r.supp_group, Some(1234));
+        assert!(matches!(r.op, Op::Mkdir { name, .. } if name == c"d"));
+        // An unknown extension type is skipped.
+        let other = cat(&[ExtHeader { size: 16, typ: 99 }.as_bytes(), &[0u8; 8]]);
+        let m = with_ext(opcode::MKDIR, &args, &other);
+        let r = decode(&m).unwrap();
+        assert_eq!(r.supp_group, None);
+        // Lies: more groups than the kernel sends, a record longer than the area, a size
+        // that is not a multiple of 8, an area longer than the message.
+        let bad = [
+            groups_ext(&[1, 2]),
+            cat(&[
+                ExtHeader {
+                    size: 64,
+                    typ: EXT_GROUPS,
+                }
+                .as_bytes(),
+                &[0u8; 8],
+            ]),
+            cat(&[ExtHeader { size: 12, typ: 7 }.as_bytes(), &[0u8; 8]]),
+            cat(&[ExtHeader { size: 0, typ: 7 }.as_bytes()]),
+        ];
+        for ext in bad {
+            assert_eq!(
+                decode(&with_ext(opcode::MKDIR, &args, &ext)).unwrap_err(),
+                DecodeError::BadExtension {
+                    opcode: opcode::MKDIR
+                }
+            );
+        }
+        let mut m = msg(opcode::MKDIR, &args);
+        m[size_of::<InHeader>() - 4] = 200; // total_extlen: 1600 bytes, past the message
+        assert!(matches!(decode(&m), Err(DecodeError::BadExtension { .. })));
     }
 }

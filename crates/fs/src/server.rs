@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use zerocopy::IntoBytes;
 
 use crate::abi::{self, init, opcode, InHeader, InitIn, InitOut, OutHeader};
-use crate::passthrough::{CacheMode, Caller, Passthrough, Res};
+use crate::passthrough::{CacheMode, Caller, Errno, Passthrough, Res};
 use crate::request::{decode, DecodeError, Op};
 
 /// Largest WRITE payload (and READ size) the guest may send: 1 MiB, as virtiofsd.
@@ -35,7 +35,7 @@ pub struct Server {
 fn reply(unique: u64, r: Res<Vec<u8>>) -> Vec<u8> {
     let (error, body) = match r {
         Ok(b) => (0, b),
-        Err(e) => (-e, Vec::new()),
+        Err(Errno(e)) => (-e, Vec::new()),
     };
     let h = OutHeader {
         len: (size_of::<OutHeader>() + body.len()) as u32,
@@ -86,7 +86,7 @@ impl Server {
             Err(e) => {
                 let unique = InHeader::read_unique(msg);
                 return Handled {
-                    reply: Some(reply(unique, Err(e.errno()))),
+                    reply: Some(reply(unique, Err(Errno(e.errno())))),
                     fault: Some(fault_label(&e)),
                 };
             }
@@ -104,8 +104,8 @@ impl Server {
         }
         let r = match (&req.op, self.minor.load(Ordering::SeqCst)) {
             (Op::Init(i), _) => self.init(i),
-            (_, 0) => Err(libc::EIO),
-            (op, _) => self.dispatch(&h, op, &mut fault),
+            (_, 0) => Err(Errno(libc::EIO)),
+            (op, _) => self.dispatch(&h, req.supp_group, op, &mut fault),
         };
         Handled {
             reply: Some(reply(h.unique, r)),
@@ -116,7 +116,7 @@ impl Server {
     fn init(&self, i: &InitIn) -> Res<Vec<u8>> {
         if i.major != abi::KERNEL_VERSION || i.minor < abi::MIN_MINOR_VERSION {
             tracing::warn!(major = i.major, minor = i.minor, "unsupported FUSE version");
-            return Err(libc::EPROTO);
+            return Err(Errno(libc::EPROTO));
         }
         if self.minor.load(Ordering::SeqCst) != 0 {
             // A new session (the guest remounted): nothing of the old one stays.
@@ -130,7 +130,11 @@ impl Server {
             | init::ASYNC_DIO
             | init::PARALLEL_DIROPS
             | init::MAX_PAGES
-            | init::INIT_EXT;
+            | init::INIT_EXT
+            | init::CREATE_SUPP_GROUP;
+        if cfg.killpriv_v2 {
+            offer |= init::HANDLE_KILLPRIV_V2;
+        }
         if cfg.cache != CacheMode::Never {
             offer |= init::CACHE_SYMLINKS;
             if cfg.readdirplus {
@@ -172,6 +176,7 @@ impl Server {
     fn dispatch(
         &self,
         h: &InHeader,
+        supp_group: Option<u32>,
         op: &Op<'_>,
         fault: &mut Option<&'static str>,
     ) -> Res<Vec<u8>> {
@@ -179,6 +184,7 @@ impl Server {
         let c = Caller {
             uid: h.uid,
             gid: h.gid,
+            supp_group,
         };
         let n = h.nodeid;
         match op {
@@ -208,15 +214,15 @@ impl Server {
             Op::Open(a) => bytes(fs.open(n, a)),
             Op::Create { arg, name } => fs.create(c, n, arg, name).map(pair),
             Op::Tmpfile(arg) => fs.tmpfile(c, n, arg).map(pair),
-            Op::Read(a) if a.size > MAX_WRITE => Err(libc::EINVAL),
-            Op::Read(a) => fs.read(a),
-            Op::Write { arg, data } => bytes(fs.write(arg, data)),
-            Op::Flush(a) => empty(fs.flush(a.fh)),
-            Op::Release(a) => empty(fs.release(a.fh)),
-            Op::Fsync(a) => empty(fs.fsync(a.fh, a.fsync_flags & 1 != 0)),
-            Op::Fallocate(a) => empty(fs.fallocate(a)),
-            Op::Lseek(a) => bytes(fs.lseek(a)),
-            Op::CopyFileRange(a) => bytes(fs.copy_file_range(a)),
+            Op::Read(a) if a.size > MAX_WRITE => Err(Errno(libc::EINVAL)),
+            Op::Read(a) => fs.read(n, a),
+            Op::Write { arg, data } => bytes(fs.write(n, arg, data)),
+            Op::Flush(a) => empty(fs.flush(n, a.fh)),
+            Op::Release(a) => empty(fs.release(n, a.fh)),
+            Op::Fsync(a) => empty(fs.fsync(n, a.fh, a.fsync_flags & 1 != 0)),
+            Op::Fallocate(a) => empty(fs.fallocate(n, a)),
+            Op::Lseek(a) => bytes(fs.lseek(n, a)),
+            Op::CopyFileRange(a) => bytes(fs.copy_file_range(n, a)),
             Op::Statfs => bytes(fs.statfs(n)),
             Op::Syncfs => empty(fs.syncfs()),
             Op::Access(a) => empty(fs.access(n, a.mask)),
@@ -225,15 +231,15 @@ impl Server {
             Op::Listxattr(arg) => xattr_reply(fs.getxattr(n, None, arg.size)),
             Op::Removexattr(name) => empty(fs.removexattr(n, name)),
             Op::Opendir(_) => bytes(fs.opendir(n)),
-            Op::Readdir(a) => fs.readdir(n, a, false),
-            Op::Readdirplus(a) => fs.readdir(n, a, true),
-            Op::Releasedir(a) => empty(fs.releasedir(a.fh)),
-            Op::Fsyncdir(a) => empty(fs.fsync(a.fh, a.fsync_flags & 1 != 0)),
+            Op::Readdir(a) => fs.readdir(n, a, false, MAX_WRITE as usize),
+            Op::Readdirplus(a) => fs.readdir(n, a, true, MAX_WRITE as usize),
+            Op::Releasedir(a) => empty(fs.releasedir(n, a.fh)),
+            Op::Fsyncdir(a) => empty(fs.fsyncdir(n, a.fh, a.fsync_flags & 1 != 0)),
             Op::Unsupported(code) => {
                 if !known_unsupported(*code) {
                     *fault = Some("unknown FUSE opcode");
                 }
-                Err(libc::ENOSYS)
+                Err(Errno(libc::ENOSYS))
             }
         }
     }
@@ -268,6 +274,7 @@ fn fault_label(e: &DecodeError) -> &'static str {
         DecodeError::BadLength { .. } => "FUSE header length disagrees with the message",
         DecodeError::Truncated { .. } => "FUSE arguments truncated",
         DecodeError::Unterminated { .. } => "FUSE name not NUL-terminated",
+        DecodeError::BadExtension { .. } => "FUSE request extension malformed",
     }
 }
 

@@ -412,7 +412,20 @@ fn nothing_outside_the_share_is_reachable() {
     );
     assert_eq!(
         open(&mut f, fifo.nodeid, libc::O_RDONLY).error,
-        -libc::ENXIO
+        -libc::EBADF
+    );
+    // A CREATE without O_EXCL of the existing FIFO would block in open(2): refused instead.
+    let create = CreateIn {
+        flags: libc::O_RDONLY as u32,
+        mode: 0o644,
+        ..CreateIn::default()
+    };
+    let r = f.call(CREATE, ROOT, &[create.as_bytes(), &name("fifo")]);
+    assert_eq!(r.error, -libc::EBADF);
+    assert_eq!(
+        f.call(GETATTR, ROOT, &[GetattrIn::default().as_bytes()])
+            .error,
+        0
     );
 }
 

@@ -7,6 +7,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use vsnap_fs::inode_store::{Handle, InodeStore, StoreMode, ROOT_ID};
+use vsnap_fs::sys::Name;
 
 fn open_dir(p: &Path) -> OwnedFd {
     let c = CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
@@ -20,8 +21,9 @@ fn open_dir(p: &Path) -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
-fn cname(s: &str) -> CString {
-    CString::new(s).unwrap()
+/// A checked name (leaked: tests only).
+fn cname(s: &str) -> Name<'static> {
+    Name::new(Box::leak(CString::new(s).unwrap().into_boxed_c_str())).unwrap()
 }
 
 fn entries(p: &Path) -> usize {
@@ -48,16 +50,16 @@ fn lookups_are_counted_and_forget_removes_the_link() {
     std::fs::create_dir(share.join("d")).unwrap();
     let s = InodeStore::new(&work, open_dir(&share)).unwrap();
     let root = s.get(ROOT_ID).unwrap();
-    let (a, st) = s.lookup(&root, &cname("a")).unwrap();
+    let (a, st) = s.lookup(&root, cname("a")).unwrap();
     assert_eq!(st.st_size, 5);
     assert!(
         matches!(a.handle, Handle::Link(_)),
         "files are held by a link"
     );
     assert_eq!(entries(&work), 1);
-    let (a2, _) = s.lookup(&root, &cname("a")).unwrap();
+    let (a2, _) = s.lookup(&root, cname("a")).unwrap();
     assert_eq!((a2.id, a.lookups()), (a.id, 2));
-    let (d, _) = s.lookup(&root, &cname("d")).unwrap();
+    let (d, _) = s.lookup(&root, cname("d")).unwrap();
     assert!(
         matches!(d.handle, Handle::Dir(_) | Handle::Fd(_)),
         "directories are held by handle or fd"
@@ -83,20 +85,20 @@ fn guest_sees_nlink_without_our_link_and_reads_through_it() {
     std::os::unix::fs::symlink("f", share.join("sym")).unwrap();
     let s = InodeStore::new(&work, open_dir(&share)).unwrap();
     let root = s.get(ROOT_ID).unwrap();
-    let (f, st) = s.lookup(&root, &cname("f")).unwrap();
+    let (f, st) = s.lookup(&root, cname("f")).unwrap();
     assert_eq!(st.st_nlink, 2, "host has 2 links; ours is hidden");
     assert_eq!(
         std::fs::metadata(share.join("f")).unwrap().nlink(),
         3,
         "the workdir link exists"
     );
-    let (g, _) = s.lookup(&root, &cname("g")).unwrap();
+    let (g, _) = s.lookup(&root, cname("g")).unwrap();
     assert_eq!(g.id, f.id, "hard links are one inode");
     let fd = s.open(&f, libc::O_RDONLY).unwrap();
     let mut text = String::new();
     std::fs::File::from(fd).read_to_string(&mut text).unwrap();
     assert_eq!(text, "data!");
-    let (sym, st) = s.lookup(&root, &cname("sym")).unwrap();
+    let (sym, st) = s.lookup(&root, cname("sym")).unwrap();
     assert_eq!(
         st.st_mode & libc::S_IFMT,
         libc::S_IFLNK,
@@ -126,7 +128,7 @@ fn other_file_systems_fall_back_to_fds() {
     std::fs::write(shm.path().join("x"), b"1").unwrap();
     let work = t.path().join("work");
     let s = InodeStore::new(&work, open_dir(shm.path())).unwrap();
-    let (x, st) = s.lookup(&s.get(ROOT_ID).unwrap(), &cname("x")).unwrap();
+    let (x, st) = s.lookup(&s.get(ROOT_ID).unwrap(), cname("x")).unwrap();
     assert!(matches!(x.handle, Handle::Fd(_)));
     assert_eq!(st.st_nlink, 1);
     assert_eq!(entries(&work), 0);
@@ -141,7 +143,7 @@ fn workdir_is_private_and_emptied_at_start_and_drop() {
     let s = InodeStore::new(&work, open_dir(&share)).unwrap();
     assert_eq!(entries(&work), 0, "leftovers removed");
     assert_eq!(std::fs::metadata(&work).unwrap().mode() & 0o777, 0o700);
-    s.lookup(&s.get(ROOT_ID).unwrap(), &cname("a")).unwrap();
+    s.lookup(&s.get(ROOT_ID).unwrap(), cname("a")).unwrap();
     assert_eq!(entries(&work), 1);
     drop(s);
     assert_eq!(entries(&work), 0, "links removed at shutdown");
@@ -158,7 +160,7 @@ fn holding_20000_inodes_costs_no_fds() {
     let root = s.get(ROOT_ID).unwrap();
     let before = open_fds();
     for i in 0..20_000 {
-        s.lookup(&root, &cname(&format!("f{i}"))).unwrap();
+        s.lookup(&root, cname(&format!("f{i}"))).unwrap();
     }
     let after = open_fds();
     let c = s.counts();
@@ -180,7 +182,7 @@ fn ctime_seen_by_the_guest_ignores_our_link_until_the_file_changes() {
     let before = std::fs::metadata(share.join("f")).unwrap();
     std::thread::sleep(std::time::Duration::from_millis(20));
     let s = InodeStore::new(&work, open_dir(&share)).unwrap();
-    let (f, st) = s.lookup(&s.get(ROOT_ID).unwrap(), &cname("f")).unwrap();
+    let (f, st) = s.lookup(&s.get(ROOT_ID).unwrap(), cname("f")).unwrap();
     let ctime = |st: &libc::stat| (st.st_ctime, st.st_ctime_nsec);
     assert_eq!(ctime(&st), (before.ctime(), before.ctime_nsec()));
     let host = std::fs::metadata(share.join("f")).unwrap();
@@ -211,9 +213,9 @@ fn directories_by_handle_as_root_and_everything_by_fd_in_fd_mode() {
     std::fs::write(share.join("d/e/f"), b"deep").unwrap();
     let s = InodeStore::new(&work, open_dir(&share)).unwrap();
     let root = s.get(ROOT_ID).unwrap();
-    let (d, _) = s.lookup(&root, &cname("d")).unwrap();
-    let (e, _) = s.lookup(&d, &cname("e")).unwrap();
-    let (f, _) = s.lookup(&e, &cname("f")).unwrap();
+    let (d, _) = s.lookup(&root, cname("d")).unwrap();
+    let (e, _) = s.lookup(&d, cname("e")).unwrap();
+    let (f, _) = s.lookup(&e, cname("f")).unwrap();
     // SAFETY: plain syscall.
     if unsafe { libc::geteuid() } == 0 {
         assert!(
@@ -222,7 +224,7 @@ fn directories_by_handle_as_root_and_everything_by_fd_in_fd_mode() {
         );
         // A renamed directory is still the same handle.
         std::fs::rename(share.join("d"), share.join("moved")).unwrap();
-        let (f2, _) = s.lookup(&e, &cname("f")).unwrap();
+        let (f2, _) = s.lookup(&e, cname("f")).unwrap();
         assert_eq!(f2.id, f.id);
     }
     drop(s);
@@ -233,12 +235,133 @@ fn directories_by_handle_as_root_and_everything_by_fd_in_fd_mode() {
     } else {
         "d"
     };
-    let (d, _) = s.lookup(&root, &cname(name)).unwrap();
-    let (e, _) = s.lookup(&d, &cname("e")).unwrap();
-    let (f, st) = s.lookup(&e, &cname("f")).unwrap();
+    let (d, _) = s.lookup(&root, cname(name)).unwrap();
+    let (e, _) = s.lookup(&d, cname("e")).unwrap();
+    let (f, st) = s.lookup(&e, cname("f")).unwrap();
     assert!([&d, &e, &f]
         .iter()
         .all(|i| matches!(i.handle, Handle::Fd(_))));
     assert_eq!(st.st_nlink, 1);
     assert_eq!((s.counts().fds, entries(&work)), (4, 0));
+}
+
+fn is_root() -> bool {
+    // SAFETY: plain syscall.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// What a directory outside the share looks like: names, contents and modes.
+fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>, u32)> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let m = std::fs::symlink_metadata(e.path()).unwrap();
+            let data = if m.is_file() {
+                std::fs::read(e.path()).unwrap()
+            } else {
+                Vec::new()
+            };
+            (e.file_name().to_string_lossy().into_owned(), data, m.mode())
+        })
+        .collect();
+    v.sort();
+    v.push((
+        ".".into(),
+        Vec::new(),
+        std::fs::metadata(dir).unwrap().mode(),
+    ));
+    v
+}
+
+#[test]
+fn a_planted_workdir_is_refused_and_left_untouched() {
+    use std::os::unix::fs::PermissionsExt;
+    let (t, share, work) = setup();
+    let victim = t.path().join("victim");
+    std::fs::create_dir(&victim).unwrap();
+    std::fs::write(victim.join("precious"), b"keep me").unwrap();
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let before = snapshot(&victim);
+
+    // A symlink at the workdir's name: never followed.
+    std::os::unix::fs::symlink(&victim, &work).unwrap();
+    let e = InodeStore::new(&work, open_dir(&share))
+        .err()
+        .expect("refused");
+    assert!(e.to_string().contains("symbolic link"), "{e}");
+    assert_eq!(snapshot(&victim), before);
+    std::fs::remove_file(&work).unwrap();
+
+    // A file at that name.
+    std::fs::write(&work, b"not a dir").unwrap();
+    let e = InodeStore::new(&work, open_dir(&share))
+        .err()
+        .expect("refused");
+    assert!(e.to_string().contains("not a directory"), "{e}");
+    assert_eq!(std::fs::read(&work).unwrap(), b"not a dir");
+    std::fs::remove_file(&work).unwrap();
+
+    // Somebody else's directory (only root can make one here).
+    if is_root() {
+        std::fs::create_dir(&work).unwrap();
+        std::fs::write(work.join("theirs"), b"x").unwrap();
+        std::os::unix::fs::chown(&work, Some(65534), Some(65534)).unwrap();
+        let e = InodeStore::new(&work, open_dir(&share))
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("owned by uid 65534"), "{e}");
+        assert!(work.join("theirs").exists());
+        std::fs::remove_dir_all(&work).unwrap();
+    }
+
+    // Our own workdir with leftovers (and too-open mode) is emptied and closed up.
+    std::fs::create_dir(&work).unwrap();
+    std::fs::write(work.join("stale"), b"x").unwrap();
+    std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let s = InodeStore::new(&work, open_dir(&share)).unwrap();
+    assert_eq!(entries(&work), 0);
+    assert_eq!(std::fs::metadata(&work).unwrap().mode() & 0o777, 0o700);
+    drop(s);
+    assert_eq!(snapshot(&victim), before);
+}
+
+#[test]
+fn a_reused_inode_number_is_a_new_node() {
+    if !is_root() {
+        eprintln!("skipped: directories are held by handle only as root");
+        return;
+    }
+    let (_t, share, work) = setup();
+    let s = InodeStore::new(&work, open_dir(&share)).unwrap();
+    let root = s.get(ROOT_ID).unwrap();
+    let mut reused = 0;
+    for i in 0..50 {
+        let d = share.join(format!("d{i}"));
+        std::fs::create_dir(&d).unwrap();
+        let (dir, st) = s.lookup(&root, cname(&format!("d{i}"))).unwrap();
+        assert!(matches!(dir.handle, Handle::Dir(_)));
+        std::fs::remove_dir(&d).unwrap();
+        // The next inode the file system hands out is very likely the one just freed.
+        let f = share.join(format!("f{i}"));
+        std::fs::write(&f, b"file").unwrap();
+        let (file, fst) = s.lookup(&root, cname(&format!("f{i}"))).unwrap();
+        if fst.st_ino == st.st_ino {
+            reused += 1;
+        }
+        assert_ne!(
+            file.id, dir.id,
+            "a new file took the deleted directory's node"
+        );
+        assert_eq!(file.kind, libc::S_IFREG);
+        assert_eq!(s.stat(&file).unwrap().st_size, 4);
+        s.forget(dir.id, 1);
+        // Forgetting the stale node leaves the new one reachable under the same number.
+        let (again, _) = s.lookup(&root, cname(&format!("f{i}"))).unwrap();
+        assert_eq!(again.id, file.id);
+    }
+    assert!(
+        reused > 0,
+        "the file system never reused an inode number: the test proved nothing"
+    );
 }
