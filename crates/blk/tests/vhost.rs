@@ -556,3 +556,31 @@ fn reconnect_keeps_the_disk() {
         assert!(got == data, "data lost across reconnect");
     }
 }
+
+#[test]
+fn a_corrupt_avail_index_stops_the_queue_not_the_daemon() {
+    let dev = Dev::start(false, 2);
+    let data = pattern(4096, 5);
+    {
+        let mut fe = dev.connect(&Setup {
+            num_queues: 2,
+            ..Setup::default()
+        });
+        // More chains announced than the queue holds: no driver could have written this.
+        let q = &fe.queues[0];
+        q.publish_avail_idx(&fe.mem, q.next_avail().wrapping_add(q.size + 7));
+        std::thread::sleep(Duration::from_millis(100));
+        // The other queue still serves, and so does the next frontend.
+        assert_eq!(
+            run(&mut fe, 1, blk::T_OUT, 8, &data, 0, Layout::Simple, false).0,
+            S_OK
+        );
+    }
+    let mut fe = dev.connect(&Setup {
+        num_queues: 2,
+        ..Setup::default()
+    });
+    let (st, _, got) = run(&mut fe, 0, blk::T_IN, 8, &[], 4096, Layout::Simple, false);
+    assert_eq!(st, S_OK);
+    assert!(got == data);
+}

@@ -280,6 +280,19 @@ impl Queue {
         head
     }
 
+    /// Writes `idx` as the available index and kicks: a corrupt ring, as a hostile driver makes.
+    pub fn publish_avail_idx(&self, mem: &GuestMem, idx: u16) {
+        mem.mmap
+            .store(idx, GuestAddress(self.avail + 2), Ordering::Release)
+            .expect("avail idx inside guest memory");
+        let _ = self.kick.write(1);
+    }
+
+    /// The next available index this driver would publish.
+    pub fn next_avail(&self) -> u16 {
+        self.next_avail
+    }
+
     /// Makes every chain added so far visible to the device and kicks it.
     pub fn publish(&self, mem: &GuestMem) {
         if self.event_idx {

@@ -80,10 +80,17 @@ fn run_chain(server: &Server, faults: &Faults, mem: &GuestMemoryMmap, segs: &Seg
     if let Some(f) = handled.fault {
         faults.record(f);
     }
-    let Some(reply) = handled.reply else { return 0 };
-    if reply.len() as u64 > segs.writable_len() {
-        faults.record("FUSE reply larger than the guest's buffers");
+    let Some(mut reply) = handled.reply else {
         return 0;
+    };
+    if reply.len() as u64 > segs.writable_len() {
+        // The guest asked for more than it gave room for: it still gets an answer, or the
+        // request would hang in its kernel for good.
+        faults.record("FUSE reply larger than the guest's buffers");
+        reply = crate::server::error_reply(&msg, libc::EIO);
+        if reply.len() as u64 > segs.writable_len() {
+            return 0;
+        }
     }
     if !scatter(mem, &segs.writable, 0, &reply) {
         faults.record("FUSE reply unwritable");

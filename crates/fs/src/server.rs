@@ -48,6 +48,11 @@ fn reply(unique: u64, r: Res<Vec<u8>>) -> Vec<u8> {
     out
 }
 
+/// A reply carrying only `errno`, for the request `msg` (whose header must be whole).
+pub fn error_reply(msg: &[u8], errno: i32) -> Vec<u8> {
+    reply(InHeader::read_unique(msg), Err(Errno(errno)))
+}
+
 fn bytes<T: IntoBytes + zerocopy::Immutable>(r: Res<T>) -> Res<Vec<u8>> {
     r.map(|v| v.as_bytes().to_vec())
 }

@@ -1,8 +1,12 @@
 //! Draining a virtqueue the same way for every device: pop every available chain, and with
 //! EVENT_IDX keep going until re-enabling notifications finds nothing new (else a request that
-//! arrives in between would wait for the next kick).
+//! arrives in between would wait for the next kick). A ring whose available index is corrupt
+//! stops the queue (logged once) instead of spinning: virtio-queue yields no chain for it while
+//! re-enabling notifications keeps reporting more.
 
 use std::io;
+use std::num::Wrapping;
+use std::sync::atomic::Ordering;
 
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::{DescriptorChain, QueueT};
@@ -24,6 +28,9 @@ pub fn drain(
 ) -> io::Result<()> {
     let mem = mem.memory();
     loop {
+        if !ring_usable(vring, &mem) {
+            return Ok(());
+        }
         if event_idx {
             vring.disable_notification().map_err(to_io)?;
         }
@@ -42,6 +49,37 @@ pub fn drain(
         }
         if !event_idx || !vring.enable_notification().map_err(to_io)? {
             return Ok(());
+        }
+    }
+}
+
+/// Whether the queue is ready and its available index is one a driver could have written: at
+/// most a queue's worth of chains ahead of the next one we take. A queue found corrupt is
+/// stopped until the frontend sets it up again (a new connection or `SET_VRING_*`).
+fn ring_usable(vring: &VringRwLock, mem: &GuestMemoryMmap) -> bool {
+    let mut state = vring.get_mut();
+    let q = state.get_queue_mut();
+    if !q.ready() {
+        return false;
+    }
+    let ahead = q
+        .avail_idx(mem, Ordering::Acquire)
+        .map(|idx| (idx - Wrapping(q.next_avail())).0);
+    match ahead {
+        Ok(n) if n <= q.size() => true,
+        Ok(n) => {
+            tracing::error!(
+                ahead = n,
+                size = q.size(),
+                "virtqueue available index runs ahead of the queue size: queue stopped"
+            );
+            q.set_ready(false);
+            false
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "virtqueue available ring unreadable: queue stopped");
+            q.set_ready(false);
+            false
         }
     }
 }
