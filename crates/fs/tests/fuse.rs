@@ -646,3 +646,61 @@ fn a_thread_pool_serves_the_same_requests() {
     }
     assert_eq!(readdir_names(&mut f, ROOT).len(), 206);
 }
+
+/// A MKDIR as `uid`/`gid`, with the supplementary-group extension when `group` is given.
+fn mkdir_as(f: &mut Fuse, parent: u64, n: &str, uid: u32, gid: u32, group: Option<u32>) -> Reply {
+    let mut args = MkdirIn {
+        mode: 0o755,
+        umask: 0,
+    }
+    .as_bytes()
+    .to_vec();
+    args.extend_from_slice(&name(n));
+    let ext = match group {
+        // fuse_ext_header { size 16, type FUSE_EXT_GROUPS } + fuse_supp_groups { 1, [group] }
+        Some(g) => [16u32, EXT_GROUPS, 1, g]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        None => Vec::new(),
+    };
+    let len = (IN_HEADER_LEN + args.len() + ext.len()) as u32;
+    let unique = f.next_unique();
+    let mut msg = in_header(len, MKDIR, unique, parent, uid, gid);
+    msg[36..38].copy_from_slice(&((ext.len() / 8) as u16).to_le_bytes());
+    msg.extend_from_slice(&args);
+    msg.extend_from_slice(&ext);
+    f.send_raw(1, &msg, BUF_LEN)
+}
+
+#[test]
+fn creations_run_as_the_caller_with_only_the_group_the_guest_vouched_for() {
+    // SAFETY: plain syscall.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: credentials are switched only as root");
+        return;
+    }
+    let dev = Dev::start(FsConfig::default());
+    // A directory only members of group 4242 may write to.
+    let team = dev.share.join("team");
+    std::fs::create_dir(&team).unwrap();
+    std::os::unix::fs::chown(&team, Some(0), Some(4242)).unwrap();
+    std::fs::set_permissions(&team, PermissionsExt::from_mode(0o770)).unwrap();
+    let mut f = dev.client();
+    let node = entry(&lookup(&mut f, ROOT, "team")).nodeid;
+    // Not a member: refused by the host as the caller (never with the daemon's own groups).
+    assert_eq!(
+        mkdir_as(&mut f, node, "a", 1000, 1000, None).error,
+        -libc::EACCES
+    );
+    // The guest kernel vouches for 4242: allowed, and the new directory is the caller's.
+    let e = entry(&mkdir_as(&mut f, node, "b", 1000, 1000, Some(4242)));
+    assert_eq!((e.attr.uid, e.attr.gid), (1000, 1000));
+    let m = std::fs::metadata(team.join("b")).unwrap();
+    assert_eq!((m.uid(), m.gid()), (1000, 1000));
+    // The group does not stick to the thread: the next request without it is refused again.
+    assert_eq!(
+        mkdir_as(&mut f, node, "c", 1000, 1000, None).error,
+        -libc::EACCES
+    );
+}
