@@ -60,6 +60,57 @@ check "getxattr" "$(getfattr --only-values -n user.vsnap attrs)" guest-value
 setfattr -n user.tmp -v x attrs && setfattr -x user.tmp attrs
 getfattr -d attrs | grep -q user.tmp && { echo "FAIL: removexattr"; exit 1; }
 
+# special files made by guest root: a device node or FIFO on the share is the guest's own (its
+# kernel opens its own device or pipe); the daemon must never open the host's, which would give
+# the guest the host's devices or wedge a daemon thread on a FIFO. Each open runs under timeout;
+# one still running after that is blocked on a FUSE request the daemon never answers (not even
+# SIGKILL ends it), so the suite stops there. fs.sh checks the host's kernel log for the marker.
+hex=$(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \n')
+echo "KMSG-MARKER: $hex"
+kmark="vsnap-guest-kmsg-$hex"
+stuck() {
+  echo "FAIL: $1 did not return: the daemon stopped answering"
+  # The normal exit path would sync the wedged share first and never reach poweroff.
+  echo "VSNAP-GUEST-RESULT: 1"
+  poweroff -f
+}
+# bounded NAME SNIPPET: runs SNIPPET under timeout 10; prints its exit status.
+bounded() {
+  rm -f /tmp/bounded.rc
+  (rc=0; timeout 10 sh -c "$2" < /dev/null > /dev/null 2>&1 || rc=$?; echo $rc > /tmp/bounded.rc) &
+  local i=0
+  while [ ! -s /tmp/bounded.rc ]; do
+    i=$((i + 1)); [ $i -le 150 ] || stuck "$1"
+    sleep 0.1
+  done
+  echo "special: $1: exit $(cat /tmp/bounded.rc)"
+}
+mkdir $m/special && cd $m/special
+mknod kmsg c 1 11 && mknod loop b 7 0 && mkfifo fifo
+check "mknod c 1 11" "$(stat -c '%F %t:%T' kmsg)" "character special file 1:b"
+check "mknod b 7 0" "$(stat -c '%F %t:%T' loop)" "block special file 7:0"
+check "mkfifo" "$(stat -c %F fifo)" "fifo"
+# Forget every dentry: the next opens look the nodes up afresh. The driver's O_CREAT open
+# (fuse_atomic_open) looks the name up first and then opens the node as the guest's own, so a
+# stock kernel sends CREATE over an existing node only when the name appears between the two;
+# tests/fs_adversarial.rs sends that CREATE directly.
+sync; echo 3 > /proc/sys/vm/drop_caches
+bounded "exec 3<>kmsg" "exec 3<>$m/special/kmsg && echo $kmark >&3"
+bounded "echo > kmsg" "echo $kmark > $m/special/kmsg"
+dmesg | grep -q "$kmark" || { echo "FAIL: the marker is not in the guest's own kernel log"; exit 1; }
+bounded "exec 3<>loop" "exec 3<>$m/special/loop && echo $kmark >&3"
+sync; echo 3 > /proc/sys/vm/drop_caches
+bounded "exec 3<>fifo" "exec 3<>$m/special/fifo && echo $kmark >&3"
+# A FIFO on the share is a pipe inside the guest.
+(timeout 10 cat $m/special/fifo > /tmp/fifo.out 2>&1 &)
+bounded "echo > fifo" "echo $kmark > $m/special/fifo"
+i=0; while [ ! -s /tmp/fifo.out ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+check "through the FIFO" "$(cat /tmp/fifo.out)" "$kmark"
+sync; echo 3 > /proc/sys/vm/drop_caches
+bounded "echo > fifo without a reader" "echo $kmark > $m/special/fifo"
+cd $m/work && rm -r $m/special
+check "after the special files" "$(cat small)" abcdef
+
 # a deep tree
 p=deep; i=0; while [ $i -lt 64 ]; do p=$p/d$i; i=$((i + 1)); done
 mkdir -p $p && echo bottom > $p/leaf

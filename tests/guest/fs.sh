@@ -1,10 +1,20 @@
 #!/usr/bin/env bash
 # vsnap fs in a real guest: QEMU (TCG) + Debian kernel mount the share over vhost-user-fs; the
 # guest exercises it (tests/guest/fs-guest.sh), the host then checks the tree is exactly what the
-# guest reported, the fd count while the guest held 20,000 inodes, and the empty workdir.
+# guest reported, the fd count while the guest held 20,000 inodes, the empty workdir, and that
+# nothing the guest wrote to the device nodes it made on the share reached the host's devices.
 source "$(dirname "$0")/lib.sh"
 prepare
 start_work
+# The host's kernel log from now on, read from /dev/kmsg (dmesg -C elsewhere cannot hide a record
+# from this reader); a control line proves the reader sees new records.
+timeout 1800 cat /dev/kmsg > "$work/kmsg" &
+kmsg_reader=$!
+trap 'kill "$kmsg_reader" 2>/dev/null; cleanup_work' EXIT
+control="vsnap-fs-kmsg-control-$$-$RANDOM"
+echo "$control" > /dev/kmsg
+for _ in $(seq 50); do grep -q "$control" "$work/kmsg" && break; sleep 0.1; done
+grep -q "$control" "$work/kmsg" || fail "the host's kernel log is not readable: the device check would be blind"
 share="$work/share"
 mkdir -p "$share/many"
 echo "made on the host" > "$share/from-host.txt"
@@ -51,10 +61,24 @@ LC_ALL=C sort -o "$work/guest.manifest" "$work/guest.manifest"
 [ "$(wc -l < "$work/host.manifest")" -gt 80 ] || fail "host manifest too short"
 diff "$work/guest.manifest" "$work/host.manifest" || fail "the host's tree differs from what the guest made"
 [ "$(getfattr --absolute-names --only-values -n user.vsnap "$share/work/attrs")" = guest-value ] || fail "xattr not on the host"
+hex=$(marker "$work/guest.log" KMSG-MARKER)
+[ -n "$hex" ] || fail "the guest printed no KMSG-MARKER"
+{ grep -a "^special: " "$work/guest.log" || true; } | tr -d '\r' >&2
+if grep -q "vsnap-guest-kmsg-$hex" "$work/kmsg"; then
+  fail "what the guest wrote to its c 1 11 node on the share reached the host's /dev/kmsg"
+fi
+echo "fs: the guest's device nodes and FIFO stayed the guest's (no marker in the host's kernel log)"
 [ ! -e "$share/work/open-unlinked" ] || fail "unlinked file still on the host"
 echo "fs: the host's tree is exactly what the guest made ($(wc -l < "$work/host.manifest") entries)"
 left=$(ls -A "$share/.vsnap-workdir" | wc -l)
 [ "$left" = 0 ] || fail "$left links left in the workdir after the guest unmounted"
-kill -TERM "$daemon"; wait "$daemon" || fail "daemon exit status"; daemon=
+# SIGTERM ends the daemon within 2 s (no worker is stuck in a host open).
+kill -TERM "$daemon"
+for _ in $(seq 20); do kill -0 "$daemon" 2>/dev/null || break; sleep 0.1; done
+if kill -0 "$daemon" 2>/dev/null; then
+  kill -KILL "$daemon"; wait "$daemon" || true; daemon=
+  fail "the daemon still ran 2 s after SIGTERM"
+fi
+wait "$daemon" || fail "daemon exit status"; daemon=
 echo "fs: workdir empty after unmount; $fds fds for 20,000 held inodes"
 echo "fs guest test: 1 passed, 0 failed"

@@ -480,12 +480,19 @@ fn malformed_messages_get_errors_and_the_device_keeps_serving() {
         .as_bytes()],
     );
     assert_eq!(r.error, -libc::EBADF);
-    // A reply larger than the guest's buffer: completed with length 0, not written past it.
-    let mut m = in_header((IN_HEADER_LEN + 8) as u32, GETATTR, 78, file, 0, 0);
+    // A reply larger than the guest's buffer: an EIO header instead (the request must not
+    // hang in the guest), and nothing written past the buffer.
+    let mut m = in_header((IN_HEADER_LEN + 16) as u32, GETATTR, 78, file, 0, 0);
     m.extend_from_slice(&[0u8; 16]);
-    m.truncate(IN_HEADER_LEN + 16);
-    m[0..4].copy_from_slice(&((IN_HEADER_LEN + 16) as u32).to_le_bytes());
-    assert_eq!(f.send_raw(1, &m, 20).used, 0);
+    let r = f.send_raw(1, &m, 20);
+    assert_eq!((r.used, r.error), (16, -libc::EIO));
+    // Not even room for a header: completed with length 0.
+    let m = {
+        let mut m = in_header((IN_HEADER_LEN + 16) as u32, GETATTR, 79, file, 0, 0);
+        m.extend_from_slice(&[0u8; 16]);
+        m
+    };
+    assert_eq!(f.send_raw(1, &m, 8).used, 0);
     // Forgetting what was never looked up is harmless.
     f.forget(FORGET, 999_999, ForgetIn { nlookup: 5 }.as_bytes());
     f.forget(
