@@ -291,15 +291,16 @@ fn qcow2_export_passes_qemu_img_check_and_compare() {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let out = vsnap(&[
-            "diff",
-            "to-qcow2",
-            "--backing",
-            s(&q1),
-            "--out",
-            s(&q2),
-            s(&c.diffs[1]),
-        ]);
+        // g2 lies on g1, not on the base: its overlay over q1 needs the parent vouched for.
+        let g2_over = |extra: &[&str]| {
+            let mut args = vec!["diff", "to-qcow2", "--backing", s(&q1), "--out", s(&q2)];
+            args.extend_from_slice(extra);
+            args.push(s(&c.diffs[1]));
+            vsnap(&args)
+        };
+        assert_fails(&g2_over(&[]), "not on the base image");
+        assert!(!q2.exists());
+        let out = g2_over(&["--allow-foreign-parent"]);
         assert!(
             out.status.success(),
             "{}",

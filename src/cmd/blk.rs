@@ -25,6 +25,10 @@ pub struct BlkArgs {
     /// Diffs to start from, oldest first, applied over the base (when the state dir is new).
     #[arg(long = "chain")]
     chain: Vec<PathBuf>,
+    /// Accept a first --chain diff that does not lie on the base (its parent is another diff):
+    /// for a base that already holds that parent, e.g. one materialised from it.
+    #[arg(long)]
+    allow_foreign_parent: bool,
     /// Serve the disk read-only (the guest sees VIRTIO_BLK_F_RO).
     #[arg(long)]
     readonly: bool,
@@ -106,6 +110,9 @@ pub fn run(a: BlkArgs) -> anyhow::Result<()> {
     o.block_size = a.block_size;
     o.chain = a.chain.clone();
     o.readonly = a.readonly;
+    if a.allow_foreign_parent {
+        o.chain_root = vsnap_block::diff::ChainRoot::Foreign;
+    }
     let disk = Arc::new(
         Disk::open(&o).with_context(|| format!("open the disk in {}", state_dir.display()))?,
     );
@@ -143,8 +150,9 @@ pub fn run(a: BlkArgs) -> anyhow::Result<()> {
         None => None,
     };
     let stopper = super::stop_on_signals()?;
+    // `serve` removes the socket file it bound (and only that: a refused second daemon must not
+    // remove the first one's).
     let served = serve(backend, &a.socket_path, &stopper);
-    let _ = std::fs::remove_file(&a.socket_path);
     if let Some(stop) = stop_api {
         stop();
     }

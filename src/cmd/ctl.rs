@@ -28,7 +28,7 @@ enum CtlCmd {
     Metrics,
     /// Cut a snapshot consistency point now.
     Cut {
-        /// fsync the frozen generation before the guest resumes.
+        /// fsync the frozen generation before the cut returns (the guest resumes first).
         #[arg(long)]
         durable: bool,
     },

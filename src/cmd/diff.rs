@@ -26,6 +26,10 @@ pub enum DiffCmd {
         diffs: Vec<PathBuf>,
         #[arg(long)]
         force: bool,
+        /// Accept a first diff that does not lie on the base image (its parent is another diff):
+        /// for a base that already holds that parent, e.g. one materialised from it.
+        #[arg(long)]
+        allow_foreign_parent: bool,
     },
     /// Squash chained diffs (oldest first) into one; the newest state of each block wins.
     Squash {
@@ -45,7 +49,19 @@ pub enum DiffCmd {
         diff: PathBuf,
         #[arg(long)]
         force: bool,
+        /// Accept a diff whose parent is another diff: BACKING then must hold that parent (its
+        /// overlay or image), not the base.
+        #[arg(long)]
+        allow_foreign_parent: bool,
     },
+}
+
+fn root(allow_foreign_parent: bool) -> diff::ChainRoot {
+    if allow_foreign_parent {
+        diff::ChainRoot::Foreign
+    } else {
+        diff::ChainRoot::Base
+    }
 }
 
 #[derive(Args)]
@@ -87,10 +103,12 @@ pub fn run(cmd: DiffCmd) -> anyhow::Result<()> {
             out,
             diffs,
             force,
+            allow_foreign_parent,
         } => {
             let job = Job::new();
             let g = crate::progress::run("apply", &job, || {
-                diff::apply(base.as_deref(), &diffs, &out, force, &job)
+                let root = root(allow_foreign_parent);
+                diff::apply_to(base.as_deref(), &diffs, &out, force, root, &job)
             })??;
             eprintln!("wrote {} ({} bytes)", out.display(), g.size);
             Ok(())
@@ -112,10 +130,12 @@ pub fn run(cmd: DiffCmd) -> anyhow::Result<()> {
             out,
             diff,
             force,
+            allow_foreign_parent,
         } => {
             let job = Job::new();
             crate::progress::run("to-qcow2", &job, || {
-                diff::qcow2::to_qcow2(&diff, &backing, &out, force, &job)
+                let root = root(allow_foreign_parent);
+                diff::qcow2::to_qcow2_over(&diff, &backing, root, &out, force, &job)
             })??;
             eprintln!("wrote {}", out.display());
             Ok(())

@@ -19,6 +19,10 @@ pub enum BlockError {
     Geometry(String),
     #[error("state directory {path}: {msg}")]
     State { path: PathBuf, msg: String },
+    #[error("state directory {path} is in use by {holder} (one daemon or writing command per state directory)")]
+    Locked { path: PathBuf, holder: String },
+    #[error("base image {path} is not the one the disk was made on: {msg}")]
+    BaseChanged { path: PathBuf, msg: String },
     #[error("generation {0} does not exist")]
     NoSuchGeneration(u64),
     #[error("{0}")]

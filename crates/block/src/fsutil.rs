@@ -166,8 +166,8 @@ impl AtomicFile {
             .file_name()
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
         let tmp = dir.join(format!(
-            ".{}.tmp-{}-{}",
-            name.to_string_lossy(),
+            "{}{}-{}",
+            partial_prefix(&name.to_string_lossy()),
             std::process::id(),
             uuid::Uuid::new_v4().simple()
         ));
@@ -191,6 +191,20 @@ impl AtomicFile {
         &self.tmp
     }
 
+    /// The slow half of a two-step commit: makes the content durable under the temporary name.
+    pub fn sync(&self) -> io::Result<()> {
+        self.file().sync_all()
+    }
+
+    /// The fast half: one rename puts the (synced) file in place. Its directory is not synced:
+    /// call [`sync_parent`] after, outside whatever pause needed the rename short.
+    pub fn install(mut self) -> io::Result<()> {
+        drop(self.file.take());
+        fs::rename(&self.tmp, &self.path).inspect_err(|_| {
+            let _ = fs::remove_file(&self.tmp);
+        })
+    }
+
     pub fn commit(mut self) -> io::Result<()> {
         let file = self.file.take().expect("file present until commit");
         file.sync_all()?;
@@ -208,6 +222,11 @@ impl Drop for AtomicFile {
     }
 }
 
+/// Makes a rename or creation in `path`'s directory durable.
+pub fn sync_parent(path: &Path) -> io::Result<()> {
+    File::open(parent_dir(path))?.sync_all()
+}
+
 /// Writes `bytes` to `path` atomically (see [`AtomicFile`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let f = AtomicFile::create(path, true)?;
@@ -222,6 +241,88 @@ impl Write for &AtomicFile {
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+/// The name prefix of [`AtomicFile`]'s temporary files for a target named `name`: hidden, next
+/// to the target, and saying what it is, so a person (or a restarted daemon) can tell a
+/// half-written export from anything else.
+fn partial_prefix(name: &str) -> String {
+    format!(".{name}.vsnap-partial-")
+}
+
+/// Removes the temporary files an interrupted [`AtomicFile`] for `target` left next to it (and
+/// only those). Returns how many bytes they held.
+pub fn remove_partials(target: &Path) -> io::Result<u64> {
+    let Some(name) = target.file_name() else {
+        return Ok(0);
+    };
+    let prefix = partial_prefix(&name.to_string_lossy());
+    let mut freed = 0;
+    let rd = match fs::read_dir(parent_dir(target)) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    for f in rd.flatten() {
+        if !f.file_name().to_string_lossy().starts_with(&prefix) {
+            continue;
+        }
+        // symlink_metadata: a symlink with a matching name is removed, never followed.
+        let len = fs::symlink_metadata(f.path()).map(|m| m.len()).unwrap_or(0);
+        match fs::remove_file(f.path()) {
+            Ok(()) => freed += len,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(freed)
+}
+
+/// Takes an advisory lock on `file` without waiting: exclusive, or shared. `Ok(false)` when
+/// another open file description holds a conflicting one. The lock lives as long as the file
+/// description (every fd duplicated from it), and dies with the process.
+pub fn try_flock(file: &File, exclusive: bool) -> io::Result<bool> {
+    let op = if exclusive {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_SH
+    };
+    // SAFETY: plain syscall on a valid fd; no memory is passed.
+    let r = unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) };
+    if r == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}
+
+/// Reserves `[offset, offset + len)` of `file` (allocates without changing what reads back), so
+/// later writes there cannot fail for want of space. File systems without fallocate are left as
+/// they are.
+pub fn reserve(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    // SAFETY: plain syscall on a valid fd.
+    let r = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    match io::Error::last_os_error() {
+        e if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
+        e => Err(e),
     }
 }
 
@@ -251,6 +352,46 @@ mod tests {
         assert_eq!(fs::read(&p).unwrap(), b"abc");
         assert!(AtomicFile::create(&p, false).is_err());
         assert!(AtomicFile::create(&p, true).is_ok());
+    }
+
+    #[test]
+    fn interrupted_atomic_files_are_found_and_only_they() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("g1.diff");
+        let f = AtomicFile::create(&p, false).unwrap();
+        f.file().write_all_at(b"half", 0).unwrap();
+        let name = f
+            .temp_path()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        assert!(name.contains("vsnap-partial"), "{name}");
+        std::mem::forget(f); // as a kill would leave it
+        fs::write(dir.path().join("g1.diff.keep"), b"x").unwrap();
+        fs::write(dir.path().join(".g2.diff.vsnap-partial-1-2"), b"x").unwrap();
+        assert_eq!(remove_partials(&p).unwrap(), 4);
+        let mut left: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, [".g2.diff.vsnap-partial-1-2", "g1.diff.keep"]);
+    }
+
+    #[test]
+    fn flock_conflicts_between_open_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("lock");
+        let a = File::create(&p).unwrap();
+        let b = File::open(&p).unwrap();
+        assert!(try_flock(&a, true).unwrap());
+        assert!(!try_flock(&b, false).unwrap());
+        drop(a);
+        assert!(try_flock(&b, false).unwrap());
+        let c = File::open(&p).unwrap();
+        assert!(try_flock(&c, false).unwrap(), "shared locks coexist");
+        assert!(!try_flock(&File::open(&p).unwrap(), true).unwrap());
     }
 
     #[test]

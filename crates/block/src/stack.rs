@@ -30,14 +30,40 @@ pub enum ExportState {
     },
 }
 
+/// Where a generation's export stands, as the API reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExportPhase {
+    None,
+    Running,
+    Done,
+    Failed,
+}
+
+impl ExportState {
+    pub fn phase(&self) -> ExportPhase {
+        match self {
+            ExportState::None => ExportPhase::None,
+            ExportState::Running { .. } => ExportPhase::Running,
+            ExportState::Done { .. } => ExportPhase::Done,
+            ExportState::Failed { .. } => ExportPhase::Failed,
+        }
+    }
+}
+
 /// One layer of the stack and what the manifest says of it.
 pub struct Entry {
     pub generation: u64,
     pub id: Uuid,
     pub parent: Uuid,
     pub stem: String,
+    /// A folded layer: the stems of the layers it replaced (kept in its meta).
+    pub replaces: Vec<String>,
     pub layer: Arc<Layer>,
     pub export: Mutex<ExportState>,
+    /// Set once a frozen layer has been made durable (data and bitmap): it never changes
+    /// again, so later flushes skip it.
+    pub durable: std::sync::atomic::AtomicBool,
 }
 
 impl Entry {
@@ -51,6 +77,7 @@ impl Entry {
                 ExportState::Done { path } => Some(path.clone()),
                 _ => None,
             },
+            replaces: self.replaces.clone(),
         }
     }
 

@@ -20,7 +20,8 @@ pub struct DeviceStatus {
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CutRequest {
-    /// fsync the frozen layer and its bitmaps before resuming.
+    /// Make the frozen layer and its bitmaps durable (fsync) before the cut returns; the guest
+    /// resumes first (a frozen layer no longer changes).
     #[serde(default)]
     pub durable: bool,
 }
@@ -57,7 +58,7 @@ pub struct FoldRequest {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ExportStatus {
     pub generation: u64,
-    pub state: String,
+    pub state: vsnap_block::ExportPhase,
     pub path: Option<PathBuf>,
     pub done_bytes: Option<u64>,
     pub total_bytes: Option<u64>,

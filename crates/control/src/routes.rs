@@ -39,7 +39,7 @@ fn block_error(e: BlockError) -> Response {
 fn export_status(l: &LayerInfo) -> ExportStatus {
     ExportStatus {
         generation: l.generation,
-        state: l.export.clone(),
+        state: l.export,
         path: l.export_path.clone(),
         done_bytes: l.export_progress.map(|p| p.0),
         total_bytes: l.export_progress.map(|p| p.1),
@@ -129,6 +129,8 @@ impl Api {
                 "layer_allocated_bytes": i.layer_allocated_bytes,
                 "capacity": i.capacity,
                 "in_flight": self.disk.in_flight(),
+                "generations": i.layers.len(),
+                "open_layer_files": i.open_layer_files,
             }),
         )
     }
@@ -285,13 +287,18 @@ impl Api {
             .start_export(layer.generation, &r.path)
             .map_err(block_error)?;
         let (disk, path, generation) = (self.disk.clone(), r.path.clone(), layer.generation);
-        std::thread::Builder::new()
+        let spawned = std::thread::Builder::new()
             .name(format!("vsnap-export-{generation}"))
             .spawn(move || match disk.run_export(generation, &path, backing.as_deref(), &job) {
                 Ok(h) => tracing::info!(generation, path = %path.display(), data_bytes = h.data_len(), "export done"),
                 Err(e) => tracing::warn!(generation, path = %path.display(), error = %e, "export failed"),
-            })
-            .map_err(|e| Response::error(500, e))?;
+            });
+        if let Err(e) = spawned {
+            // Nothing will run the job: leave no generation "running" forever.
+            let msg = format!("cannot start the export thread: {e}");
+            self.disk.abort_export(generation, &msg);
+            return Err(Response::error(500, msg));
+        }
         let now = self.generation(g)?;
         Ok(Response::json(202, &export_status(&now)))
     }

@@ -102,6 +102,11 @@ fn endpoints() {
         (Some(2), Some(1))
     );
     assert_eq!(v["requests"]["writes"], 1);
+    assert_eq!(v["generations"], 1);
+    assert_eq!(
+        v["open_layer_files"], 0,
+        "the active layer's own fd is not cached"
+    );
     let (st, m) = req(&f.sock, "GET", "/metrics", None);
     assert_eq!(st, 200);
     let m = m.as_str().unwrap().to_string();
@@ -328,4 +333,65 @@ fn a_cut_while_another_runs_is_refused() {
     assert_eq!(v["drained"], 1, "the in-flight request was drained: {v}");
     // ...and its write landed in the frozen generation.
     assert_eq!(f.disk.info().layers[1].dirty_blocks, 1);
+}
+
+#[test]
+fn trickling_clients_cannot_starve_info_or_cut() {
+    let f = fixture();
+    // 40 clients (more than MAX_CONNECTIONS) each send one byte of a request every 2 s.
+    let head = b"GET /api/v1/info HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    let t0 = Instant::now();
+    let slow: Vec<_> = (0..40)
+        .map(|_| {
+            let sock = f.sock.clone();
+            std::thread::spawn(move || {
+                let mut s = UnixStream::connect(&sock).unwrap();
+                s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+                let mut out = Vec::new();
+                for &b in head.iter() {
+                    if s.write_all(&[b]).is_err() {
+                        break;
+                    }
+                    let mut buf = [0u8; 512];
+                    let mut got_answer = false;
+                    let until = Instant::now() + Duration::from_secs(2);
+                    while Instant::now() < until {
+                        match s.read(&mut buf) {
+                            Ok(0) => {
+                                got_answer = true;
+                                break;
+                            }
+                            Ok(n) => out.extend_from_slice(&buf[..n]),
+                            Err(_) => {}
+                        }
+                    }
+                    if got_answer {
+                        break;
+                    }
+                }
+                (String::from_utf8_lossy(&out).into_owned(), t0.elapsed())
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut worst = Duration::ZERO;
+    while t0.elapsed() < Duration::from_secs(7) {
+        let t = Instant::now();
+        let (st, v) = req(&f.sock, "GET", "/api/v1/info", None);
+        assert_eq!(st, 200, "{v}");
+        let (st, v) = req(&f.sock, "POST", "/api/v1/cut", None);
+        assert_eq!(st, 200, "{v}");
+        worst = worst.max(t.elapsed());
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(worst < Duration::from_secs(1), "info + cut took {worst:?}");
+    // Each trickler is cut off at its request deadline, though it never went quiet for 5 s.
+    for h in slow {
+        let (out, when) = h.join().unwrap();
+        assert!(out.starts_with("HTTP/1.1 408"), "{out:?}");
+        assert!(
+            when >= Duration::from_secs(4) && when < Duration::from_secs(8),
+            "{when:?}"
+        );
+    }
 }

@@ -10,6 +10,31 @@ use crate::geometry::Geometry;
 use crate::job::Job;
 use crate::tracker::runs;
 
+/// What the first diff of a chain may lie on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ChainRoot {
+    /// The base image: the first diff's parent must be nil (it was cut from a disk on the base).
+    #[default]
+    Base,
+    /// Whatever the caller vouches for (`--allow-foreign-parent`): an image that already holds the
+    /// first diff's parent, such as one materialised from it.
+    Foreign,
+}
+
+/// Checks that the first diff lies on the base (unless `root` is [`ChainRoot::Foreign`]): a chain
+/// missing its first diffs would otherwise apply to a disk that lacks them.
+pub fn check_root(diffs: &[DiffFile], root: ChainRoot) -> Result<(), DiffError> {
+    match diffs.first() {
+        Some(d) if root == ChainRoot::Base && !d.header.parent.is_nil() => {
+            Err(DiffError::ForeignParent {
+                path: d.path().display().to_string(),
+                parent: d.header.parent.to_string(),
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Checks that diffs share one geometry and that each one's parent is the one before it.
 pub fn check_chain(diffs: &[DiffFile]) -> Result<Geometry, DiffError> {
     let first = diffs
@@ -56,7 +81,8 @@ pub fn open_chain(paths: &[PathBuf]) -> Result<(Vec<DiffFile>, Geometry), DiffEr
 }
 
 /// Writes `base` (or zeros when `None`) with `diffs` applied in order to `out`, a sparse raw
-/// image. `out` appears only when complete.
+/// image. `out` appears only when complete. The first diff must lie on the base
+/// ([`ChainRoot::Base`]); see [`apply_to`].
 pub fn apply(
     base: Option<&Path>,
     diffs: &[PathBuf],
@@ -64,7 +90,20 @@ pub fn apply(
     overwrite: bool,
     job: &Job,
 ) -> Result<Geometry, DiffError> {
+    apply_to(base, diffs, out, overwrite, ChainRoot::Base, job)
+}
+
+/// [`apply`], with the first diff's parent checked as `root` says.
+pub fn apply_to(
+    base: Option<&Path>,
+    diffs: &[PathBuf],
+    out: &Path,
+    overwrite: bool,
+    root: ChainRoot,
+    job: &Job,
+) -> Result<Geometry, DiffError> {
     let (diffs, g) = open_chain(diffs)?;
+    check_root(&diffs, root)?;
     let dst = AtomicFile::create(out, overwrite).dctx(|| format!("create {}", out.display()))?;
     let ctx = || format!("write {}", out.display());
     dst.file().set_len(g.size).dctx(ctx)?;

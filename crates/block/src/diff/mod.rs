@@ -8,7 +8,7 @@ pub mod qcow2;
 mod squash;
 mod write;
 
-pub use apply::{apply, check_chain};
+pub use apply::{apply, apply_to, check_chain, check_root, ChainRoot};
 pub use file::DiffFile;
 pub use format::{DiffHeader, CHUNK_SIZE, HEADER_LEN, MAGIC, TRAILER_MAGIC, VERSION};
 pub use squash::squash;
@@ -41,6 +41,8 @@ pub enum DiffError {
         expected: String,
         found: String,
     },
+    #[error("{path} applies on top of diff {parent}, not on the base image: give the chain from its first diff (or allow a foreign parent if the base already holds that diff)")]
+    ForeignParent { path: String, parent: String },
     #[error("cancelled")]
     Cancelled,
     #[error("{context}: {source}")]

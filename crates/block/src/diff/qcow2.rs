@@ -13,7 +13,7 @@ use std::path::Path;
 
 use roaring::RoaringBitmap;
 
-use super::{DiffError, DiffFile, DiffIo};
+use super::{ChainRoot, DiffError, DiffFile, DiffIo};
 use crate::fsutil::AtomicFile;
 use crate::job::Job;
 use crate::tracker::runs;
@@ -42,6 +42,8 @@ pub fn probe_format(path: &Path) -> Result<(&'static str, u64), DiffError> {
     Ok(("raw", len))
 }
 
+/// Writes `diff` as a qcow2 overlay over `backing` to `out`. The diff must lie on the base image
+/// (parent nil), which `backing` is taken to be; see [`to_qcow2_over`].
 pub fn to_qcow2(
     diff: &Path,
     backing: &Path,
@@ -49,7 +51,21 @@ pub fn to_qcow2(
     overwrite: bool,
     job: &Job,
 ) -> Result<(), DiffError> {
+    to_qcow2_over(diff, backing, ChainRoot::Base, out, overwrite, job)
+}
+
+/// [`to_qcow2`] with the diff's parent checked as `root` says: [`ChainRoot::Foreign`] when
+/// `backing` holds the diff's parent (an overlay or image of it) rather than the base.
+pub fn to_qcow2_over(
+    diff: &Path,
+    backing: &Path,
+    root: ChainRoot,
+    out: &Path,
+    overwrite: bool,
+    job: &Job,
+) -> Result<(), DiffError> {
     let d = DiffFile::open(diff)?;
+    super::check_root(std::slice::from_ref(&d), root)?;
     let g = d.geometry();
     let (fmt, backing_size) = probe_format(backing)?;
     if backing_size != g.size {
