@@ -2,6 +2,7 @@
 //! VMM's or libvirt's command line works with either binary.
 
 use std::os::fd::FromRawFd;
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use clap::{Args, ValueEnum};
 use vsnap_fs::device::{FsBackend, FsOptions, TAG_LEN};
 use vsnap_fs::inode_store::StoreMode;
 use vsnap_fs::passthrough::{CacheMode, FsConfig, Passthrough};
+use vsnap_fs::sandbox::{Entered, Mode, Sandbox, SeccompMode};
 use vsnap_fs::server::Server;
 use vsnap_vhost::serve_listener;
 
@@ -56,10 +58,22 @@ pub struct FsArgs {
     /// How guest-held inodes are kept: `workdir` links (no fd per inode) or one fd each.
     #[arg(long, value_enum, default_value = "workdir")]
     inode_store: StoreArg,
-    /// Confinement of the daemon: `namespace` (private mount and network namespace, then chroot
-    /// into the shared dir), `chroot`, or `none` [default: namespace as root, none otherwise].
+    /// Confinement of the daemon: `namespace` (new PID, mount, network and IPC namespaces,
+    /// pivot_root into the shared dir; a parent process stays outside and supervises),
+    /// `chroot`, or `none` [default: namespace as root, none otherwise]. See docs/fs.md.
     #[arg(long, value_enum)]
     sandbox: Option<SandboxArg>,
+    /// What a system call outside the daemon's allow-list does: `kill` the daemon, `trap` (name
+    /// the call on stderr, then die), `log` it (kernel audit log) and allow it, or `none` (no
+    /// filter).
+    #[arg(long, value_enum, default_value = "kill")]
+    seccomp: SeccompArg,
+    /// Change the capabilities kept as root: colon-separated `+name` / `-name`, e.g.
+    /// `-mknod:-dac_read_search` (without DAC_READ_SEARCH directories are held by fd, not by
+    /// file handle). Kept by default: chown, dac_override, fowner, fsetid, setgid, setuid,
+    /// mknod, setfcap, dac_read_search.
+    #[arg(long, allow_hyphen_values = true)]
+    modcaps: Option<String>,
     /// Tag offered in the config space (QEMU and cloud-hypervisor set their own).
     #[arg(long)]
     tag: Option<String>,
@@ -139,6 +153,14 @@ enum SandboxArg {
     Namespace,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum SeccompArg {
+    None,
+    Log,
+    Kill,
+    Trap,
+}
+
 fn cvt(r: libc::c_int, what: &str) -> anyhow::Result<()> {
     if r < 0 {
         return Err(std::io::Error::last_os_error()).context(what.to_string());
@@ -146,39 +168,36 @@ fn cvt(r: libc::c_int, what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Confines the process to `dir`. Runs before any thread exists: chroot and unshare change
-/// the calling thread's file system context only, which threads created later inherit.
-fn sandbox(kind: SandboxArg, dir: &Path) -> anyhow::Result<()> {
-    if kind == SandboxArg::None {
-        return Ok(());
-    }
-    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())?;
-    // SAFETY: plain syscalls with valid C strings.
-    unsafe {
-        if kind == SandboxArg::Namespace {
-            cvt(
-                libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWNET | libc::CLONE_NEWIPC),
-                "unshare the mount, network and IPC namespaces (needs root; see --sandbox)",
-            )?;
-            // Mounts made inside stay inside.
-            cvt(
-                libc::mount(
-                    std::ptr::null(),
-                    c"/".as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_REC | libc::MS_PRIVATE,
-                    std::ptr::null(),
-                ),
-                "make mounts private",
-            )?;
+/// The socket file we bound, to remove on exit only if it is still ours (a newer daemon may
+/// have replaced it).
+struct SocketFile {
+    path: PathBuf,
+    id: (u64, u64),
+}
+
+impl SocketFile {
+    fn remove(&self) {
+        let ours =
+            std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.id);
+        if !ours {
+            return;
         }
-        cvt(
-            libc::chroot(c.as_ptr()),
-            "chroot into the shared dir (needs root; see --sandbox)",
-        )?;
-        cvt(libc::chdir(c"/".as_ptr()), "chdir /")?;
+        // unlinkat, not std's unlink: this runs under the seccomp filter, whose list has the
+        // *at calls only.
+        if let Ok(c) = std::ffi::CString::new(self.path.as_os_str().as_encoded_bytes()) {
+            // SAFETY: valid C string.
+            unsafe { libc::unlinkat(libc::AT_FDCWD, c.as_ptr(), 0) };
+        }
     }
-    Ok(())
+}
+
+/// Whether `workdir` lies inside the (canonical) `shared` dir. The workdir may not exist yet:
+/// its parent is resolved instead.
+fn inside(shared: &Path, workdir: &Path) -> bool {
+    let (Some(parent), Some(_)) = (workdir.parent(), workdir.file_name()) else {
+        return false;
+    };
+    std::fs::canonicalize(parent).is_ok_and(|p| p.starts_with(shared))
 }
 
 pub fn run(a: FsArgs) -> anyhow::Result<()> {
@@ -194,14 +213,36 @@ pub fn run(a: FsArgs) -> anyhow::Result<()> {
         Some(w) => std::path::absolute(w)?,
         None => shared.join(".vsnap-workdir"),
     };
+    // SAFETY: plain syscall.
+    let root = unsafe { libc::geteuid() } == 0;
+    let mode = match a.sandbox {
+        Some(SandboxArg::None) => Mode::None,
+        Some(SandboxArg::Chroot) => Mode::Chroot,
+        Some(SandboxArg::Namespace) => Mode::Namespace,
+        None if root => Mode::Namespace,
+        None => Mode::None,
+    };
+    if mode == Mode::Namespace && !inside(&shared, &workdir) {
+        // Its fd would be a way out of the sandbox root, and the links it holds could not
+        // cross from the share's own mount to it anyway.
+        bail!("--sandbox namespace needs the --workdir inside the --shared-dir");
+    }
+    let sandbox = Sandbox::new(mode, &shared, a.modcaps.as_deref())?;
     // Bind before the sandbox hides the socket's directory.
-    let listener = match (&a.socket_path, a.fd) {
+    let (listener, socket_file) = match (&a.socket_path, a.fd) {
         (Some(p), _) => {
             let _ = std::fs::remove_file(p);
-            UnixListener::bind(p).with_context(|| format!("listen on {}", p.display()))?
+            let l = UnixListener::bind(p).with_context(|| format!("listen on {}", p.display()))?;
+            let m =
+                std::fs::symlink_metadata(p).with_context(|| format!("stat {}", p.display()))?;
+            let file = SocketFile {
+                path: p.clone(),
+                id: (m.dev(), m.ino()),
+            };
+            (l, Some(file))
         }
         // SAFETY: the caller handed us this fd as a listening socket.
-        (None, Some(fd)) => unsafe { UnixListener::from_raw_fd(fd) },
+        (None, Some(fd)) => (unsafe { UnixListener::from_raw_fd(fd) }, None),
         (None, None) => bail!("--socket-path or --fd is required"),
     };
     let cfg = FsConfig {
@@ -219,22 +260,32 @@ pub fn run(a: FsArgs) -> anyhow::Result<()> {
             StoreArg::Workdir => StoreMode::Workdir,
             StoreArg::Fd => StoreMode::Fd,
         },
+        // Fields without a flag of their own (yet) keep the library's defaults.
+        ..FsConfig::default()
     };
-    // SAFETY: plain syscall.
-    let root = unsafe { libc::geteuid() } == 0;
     raise_nofile(a.rlimit_nofile, root)?;
+    let inside = match sandbox.enter()? {
+        Entered::Inside(i) => i,
+        Entered::Supervisor(sup) => {
+            // The sandboxed child listens on it now; this process keeps no part of the daemon.
+            // Closing does not unlink the socket file, which is the child's until it exits.
+            drop(listener);
+            let code = sup.wait();
+            if let Some(f) = &socket_file {
+                f.remove();
+            }
+            std::process::exit(code);
+        }
+    };
+    // Opened here: after the fork (its /proc/self/fd is this process's) and while the paths
+    // are still visible.
     let fs = Passthrough::new(&shared, &workdir, cfg)
         .with_context(|| format!("serve {}", shared.display()))?;
-    let kind = a.sandbox.unwrap_or(if root {
-        SandboxArg::Namespace
-    } else {
-        SandboxArg::None
-    });
-    sandbox(kind, &shared)?;
+    let confined = inside.confine()?;
     tracing::info!(
         shared_dir = %shared.display(),
         workdir = %workdir.display(),
-        sandbox = ?kind.to_possible_value().map(|v| v.get_name().to_string()),
+        sandbox = mode.name(),
         "serving"
     );
     let backend = Arc::new(FsBackend::new(
@@ -247,10 +298,17 @@ pub fn run(a: FsArgs) -> anyhow::Result<()> {
         },
     )?);
     let stopper = super::stop_on_signals()?;
+    confined.lock_down(match a.seccomp {
+        SeccompArg::None => SeccompMode::None,
+        SeccompArg::Log => SeccompMode::Log,
+        SeccompArg::Kill => SeccompMode::Kill,
+        SeccompArg::Trap => SeccompMode::Trap,
+    })?;
     let served = serve_listener(backend.clone(), listener, &stopper);
-    // Inside a chroot the socket's path is out of reach; the next start replaces it.
-    if let (Some(p), SandboxArg::None) = (&a.socket_path, kind) {
-        let _ = std::fs::remove_file(p);
+    // Inside a sandbox the socket's path is out of reach: the supervisor (namespace) or the
+    // next start (chroot) removes it.
+    if let (Some(f), Mode::None) = (&socket_file, mode) {
+        f.remove();
     }
     // Dropping the server empties the workdir.
     drop(backend);

@@ -32,7 +32,11 @@ fd_limit=64
 on_guest() {
   [ "$1" = HOLDING ] || return 0
   local fds links
-  fds=$(ls "/proc/$daemon/fd" | wc -l)
+  # In namespace mode $daemon is the supervisor; the file system is served by its child.
+  local server
+  server=$(cat "/proc/$daemon/task/$daemon/children" 2>/dev/null | awk '{print $1}')
+  [ -n "$server" ] || server=$daemon
+  fds=$(ls "/proc/$server/fd" | wc -l)
   links=$(ls "$share/.vsnap-workdir" | wc -l)
   echo "fs: guest holds 20,000 inodes: daemon has $fds fds open, workdir holds $links links" >&2
   echo "$fds $links" > "$work/held"

@@ -6,7 +6,8 @@
 //! - [`sys`]: every system call, in thin wrappers; the [`sys::Name`] type that the name check
 //!   alone can build;
 //! - [`inode_store`]: the inode table (workdir links, fd fallbacks);
-//! - [`passthrough`]: the file system operations on the shared directory (the sandbox lives here);
+//! - [`passthrough`]: the file system operations on the shared directory (no path leaves it);
+//! - [`sandbox`]: the process confinement (namespaces, `pivot_root`, capabilities, seccomp);
 //! - [`server`]: FUSE dispatch: INIT negotiation, one request in, one reply out;
 //! - [`device`]: the vhost-user backend (hiprio + request queues).
 
