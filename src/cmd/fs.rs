@@ -52,6 +52,13 @@ pub struct FsArgs {
     /// Keep O_DIRECT when the guest opens with it.
     #[arg(long)]
     allow_direct_io: bool,
+    /// Negotiate FUSE_HANDLE_KILLPRIV_V2: the daemon clears setuid/setgid when an unprivileged
+    /// guest user writes or truncates (the default; virtiofsd's default is off).
+    #[arg(long, overrides_with = "no_killpriv_v2")]
+    killpriv_v2: bool,
+    /// Leave clearing setuid/setgid to the guest kernel.
+    #[arg(long, overrides_with = "killpriv_v2")]
+    no_killpriv_v2: bool,
     /// Threads serving requests; 0 serves them on the queue's own thread.
     #[arg(long, default_value_t = 0)]
     thread_pool_size: usize,
@@ -260,8 +267,7 @@ pub fn run(a: FsArgs) -> anyhow::Result<()> {
             StoreArg::Workdir => StoreMode::Workdir,
             StoreArg::Fd => StoreMode::Fd,
         },
-        // Fields without a flag of their own (yet) keep the library's defaults.
-        ..FsConfig::default()
+        killpriv_v2: !a.no_killpriv_v2,
     };
     raise_nofile(a.rlimit_nofile, root)?;
     let inside = match sandbox.enter()? {
