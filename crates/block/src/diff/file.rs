@@ -143,7 +143,7 @@ impl DiffFile {
         let bs = g.bs();
         let chunk = u64::from(self.header.chunk_size);
         let blocks_per_chunk = chunk / bs;
-        let mut buf = vec![0u8; chunk as usize];
+        let mut buf = vec![0u8; chunk.min(self.header.data_len()) as usize];
         let mut runs = runs(self.tracker.dirty()).peekable();
         // The current run, as (next block to hand out, end).
         let mut cur: Option<(u64, u64)> = None;

@@ -12,6 +12,8 @@ pub const HEADER_LEN: usize = 128;
 pub const TRAILER_LEN: u64 = 16;
 /// Data is checksummed in chunks of this many bytes (the last chunk may be shorter).
 pub const CHUNK_SIZE: u32 = 1 << 20;
+/// The largest chunk a reader accepts (it buffers one).
+pub const MAX_CHUNK_SIZE: u32 = 64 << 20;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DiffHeader {
@@ -111,7 +113,11 @@ impl DiffHeader {
             zero_bitmap_len: u64_at(96),
             chunk_size: u32_at(112),
         };
-        if hdr.dirty_blocks + hdr.zero_blocks > geometry.blocks() {
+        if hdr
+            .dirty_blocks
+            .checked_add(hdr.zero_blocks)
+            .is_none_or(|n| n > geometry.blocks())
+        {
             return corrupt("more dirty and zero blocks than the device has");
         }
         if hdr.data_len() != u64_at(104) {
@@ -119,6 +125,10 @@ impl DiffHeader {
         }
         if hdr.chunk_size == 0 || !hdr.chunk_size.is_multiple_of(geometry.block_size) {
             return corrupt("checksum chunk size is not a multiple of the block size");
+        }
+        // Readers hold one chunk in memory: a file must not choose how much.
+        if hdr.chunk_size > MAX_CHUNK_SIZE {
+            return corrupt("checksum chunk size larger than 64 MiB");
         }
         if hdr.dirty_bitmap_len > 1 << 40 || hdr.zero_bitmap_len > 1 << 40 {
             return corrupt("bitmap length");
