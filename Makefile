@@ -27,6 +27,7 @@ guest:
 	tests/guest/blk.sh
 	tests/guest/snapshot.sh
 	tests/guest/fs.sh
+	tests/guest/reconnect.sh
 	bench/economy.sh --check zero-file/default fill-delete/fstrim
 
 lint:

@@ -1,10 +1,13 @@
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
-use vsnap_blk::{serve, BlkBackend, BlkOptions};
+use vsnap_blk::{BlkBackend, BlkOptions, CacheModeFile};
 use vsnap_block::{Disk, DiskOptions};
+use vsnap_vhost::listen::{self, SocketFile};
+use vsnap_vhost::serve_listener;
 
 use crate::size::parse_size;
 
@@ -13,6 +16,10 @@ pub struct BlkArgs {
     /// vhost-user socket to listen on (the VMM connects to it).
     #[arg(long, alias = "socket")]
     socket_path: PathBuf,
+    /// Serve on this inherited listening socket (a manager bound it at --socket-path) instead
+    /// of binding. Under systemd socket activation (LISTEN_FDS) the passed socket is used.
+    #[arg(long)]
+    fd: Option<i32>,
     /// Read-only base image (raw). Omit together with --size for a blank disk.
     #[arg(long)]
     base: Option<PathBuf>,
@@ -89,7 +96,32 @@ fn device_status(backend: Arc<BlkBackend>, socket: PathBuf) -> vsnap_control::St
     })
 }
 
+/// The listening socket: systemd's, an inherited `--fd`, or `--socket-path` bound unless a live
+/// daemon serves it. Returns the socket file to remove at exit when we bound it.
+fn listen(a: &BlkArgs) -> anyhow::Result<(UnixListener, Option<SocketFile>)> {
+    if let Some(l) = listen::from_systemd()? {
+        return Ok((l, None));
+    }
+    if let Some(fd) = a.fd {
+        // SAFETY: the manager handed us this fd at exec; nothing else in the process takes it.
+        return Ok((unsafe { listen::from_fd(fd) }?, None));
+    }
+    let (l, f) = listen::bind_exclusive(&a.socket_path)?.into_parts();
+    Ok((l, Some(f)))
+}
+
 pub fn run(a: BlkArgs) -> anyhow::Result<()> {
+    // First: before any thread runs (from_systemd edits the environment), and before the disk
+    // is opened (a second daemon on a live socket stops here).
+    let (listener, socket_file) = listen(&a)?;
+    let r = run_on(a, listener);
+    if let Some(f) = &socket_file {
+        f.remove();
+    }
+    r
+}
+
+fn run_on(a: BlkArgs, listener: UnixListener) -> anyhow::Result<()> {
     if a.serial.as_ref().is_some_and(|s| s.len() > 20) {
         anyhow::bail!("--serial is longer than 20 bytes");
     }
@@ -129,15 +161,20 @@ pub fn run(a: BlkArgs) -> anyhow::Result<()> {
         .serial
         .clone()
         .unwrap_or_else(|| default_serial(&state_dir));
-    let backend = Arc::new(BlkBackend::new(
-        disk.clone(),
-        BlkOptions {
-            num_queues: a.num_queues,
-            queue_size: a.queue_size,
-            serial,
-            logical_block_size: a.logical_block_size,
-        },
-    ));
+    let backend = Arc::new(
+        BlkBackend::new(
+            disk.clone(),
+            BlkOptions {
+                num_queues: a.num_queues,
+                queue_size: a.queue_size,
+                serial,
+                logical_block_size: a.logical_block_size,
+            },
+        )
+        // What the guest set and a reconnecting VMM will not set again.
+        .with_cache_mode_file(CacheModeFile::new(state_dir.join("cache-mode")))
+        .context("the saved cache mode")?,
+    );
     let stop_api = match &a.api_socket {
         Some(p) => {
             let status = device_status(backend.clone(), a.socket_path.clone());
@@ -152,7 +189,7 @@ pub fn run(a: BlkArgs) -> anyhow::Result<()> {
     let stopper = super::stop_on_signals()?;
     // `serve` removes the socket file it bound (and only that: a refused second daemon must not
     // remove the first one's).
-    let served = serve(backend, &a.socket_path, &stopper);
+    let served = serve_listener(backend, listener, &stopper);
     if let Some(stop) = stop_api {
         stop();
     }

@@ -1,9 +1,6 @@
 //! `vsnap fs`: the virtio-fs daemon. Flags it shares with virtiofsd keep virtiofsd's names, so a
 //! VMM's or libvirt's command line works with either binary.
 
-use std::os::fd::FromRawFd;
-use std::os::unix::fs::MetadataExt;
-use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -175,29 +172,6 @@ fn cvt(r: libc::c_int, what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The socket file we bound, to remove on exit only if it is still ours (a newer daemon may
-/// have replaced it).
-struct SocketFile {
-    path: PathBuf,
-    id: (u64, u64),
-}
-
-impl SocketFile {
-    fn remove(&self) {
-        let ours =
-            std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.id);
-        if !ours {
-            return;
-        }
-        // unlinkat, not std's unlink: this runs under the seccomp filter, whose list has the
-        // *at calls only.
-        if let Ok(c) = std::ffi::CString::new(self.path.as_os_str().as_encoded_bytes()) {
-            // SAFETY: valid C string.
-            unsafe { libc::unlinkat(libc::AT_FDCWD, c.as_ptr(), 0) };
-        }
-    }
-}
-
 /// Whether `workdir` lies inside the (canonical) `shared` dir. The workdir may not exist yet:
 /// its parent is resolved instead.
 fn inside(shared: &Path, workdir: &Path) -> bool {
@@ -238,18 +212,11 @@ pub fn run(a: FsArgs) -> anyhow::Result<()> {
     // Bind before the sandbox hides the socket's directory.
     let (listener, socket_file) = match (&a.socket_path, a.fd) {
         (Some(p), _) => {
-            let _ = std::fs::remove_file(p);
-            let l = UnixListener::bind(p).with_context(|| format!("listen on {}", p.display()))?;
-            let m =
-                std::fs::symlink_metadata(p).with_context(|| format!("stat {}", p.display()))?;
-            let file = SocketFile {
-                path: p.clone(),
-                id: (m.dev(), m.ino()),
-            };
+            let (l, file) = vsnap_vhost::listen::bind_exclusive(p)?.into_parts();
             (l, Some(file))
         }
         // SAFETY: the caller handed us this fd as a listening socket.
-        (None, Some(fd)) => (unsafe { UnixListener::from_raw_fd(fd) }, None),
+        (None, Some(fd)) => (unsafe { vsnap_vhost::listen::from_fd(fd) }?, None),
         (None, None) => bail!("--socket-path or --fd is required"),
     };
     let cfg = FsConfig {

@@ -62,9 +62,17 @@ start_work() {
   trap cleanup_work EXIT
 }
 cleanup_work() {
-  [ -n "${qemu:-}" ] && kill "$qemu" 2>/dev/null
+  # $qemu is the background job that runs QEMU: take its whole process tree down.
+  if [ -n "${qemu:-}" ]; then kill_tree "$qemu"; fi
   stop_daemon
   if [ -n "${KEEP:-}" ]; then echo "kept $work" >&2; else rm -rf "$work"; fi
+}
+
+# kill_tree PID: SIGTERM PID and every process below it (never fails: used in traps).
+kill_tree() {
+  local c
+  for c in $(cat /proc/"$1"/task/*/children 2>/dev/null); do kill_tree "$c"; done
+  kill "$1" 2>/dev/null || true
 }
 
 # stop_daemon: SIGTERM the daemon in $daemon (if any) and wait for it to persist and exit.

@@ -570,6 +570,18 @@ fn a_corrupt_avail_index_stops_the_queue_not_the_daemon() {
         let q = &fe.queues[0];
         q.publish_avail_idx(&fe.mem, q.next_avail().wrapping_add(q.size + 7));
         std::thread::sleep(Duration::from_millis(100));
+        // Kicked again, the stopped queue is not looked at: one fault, logged once.
+        q.publish_avail_idx(&fe.mem, q.next_avail().wrapping_add(q.size + 9));
+        std::thread::sleep(Duration::from_millis(100));
+        let corrupt: Vec<_> = dev
+            .backend
+            .faults
+            .snapshot()
+            .into_iter()
+            .filter(|(k, _)| k.contains("available index"))
+            .collect();
+        assert_eq!(corrupt.len(), 1, "{corrupt:?}");
+        assert_eq!(corrupt[0].1, 1, "{corrupt:?}");
         // The other queue still serves, and so does the next frontend.
         assert_eq!(
             run(&mut fe, 1, blk::T_OUT, 8, &data, 0, Layout::Simple, false).0,

@@ -1,30 +1,23 @@
-//! The vhost-user backend of virtio-fs: queue 0 is the hiprio queue (FORGET, INTERRUPT), the
-//! others carry requests. Each queue has its own worker thread; with a thread pool, the request
-//! chains a worker pops run on the pool and complete in any order.
+//! The virtio-fs device for the `vsnap_vhost` shell: queue 0 is the hiprio queue (FORGET,
+//! INTERRUPT), the others carry requests. Each queue has its own worker thread; with a thread
+//! pool, the request chains a worker pops run on the pool and complete in any order.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
-use vsnap_vhost::{gather, queue, scatter, Device, Faults, Segments};
+use vm_memory::GuestMemoryMmap;
+use vsnap_vhost::queue::Chain;
+use vsnap_vhost::shell::GuestMem;
+use vsnap_vhost::{gather, scatter, Completion, Device, Faults, Segments};
 
 use crate::server::{Server, MAX_REQUEST};
 
-const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
 /// virtio-fs config space: `tag[36]` and `num_request_queues` (virtio 1.3 §5.11.4).
 pub const TAG_LEN: usize = 36;
 
-type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 type Job = Box<dyn FnOnce() + Send>;
 
 #[derive(Clone, Debug)]
@@ -51,11 +44,9 @@ impl Default for FsOptions {
 pub struct FsBackend {
     server: Arc<Server>,
     opts: FsOptions,
-    mem: RwLock<Option<Mem>>,
-    event_idx: AtomicBool,
     pool: Option<Mutex<Sender<Job>>>,
     pub faults: Arc<Faults>,
-    /// True while a frontend is connected.
+    /// True while a frontend is connected (kept by the shell).
     pub connected: AtomicBool,
 }
 
@@ -99,15 +90,6 @@ fn run_chain(server: &Server, faults: &Faults, mem: &GuestMemoryMmap, segs: &Seg
     reply.len() as u32
 }
 
-/// Completes a chain from a pool thread, signalling the guest if it asked to be.
-fn complete(vring: &VringRwLock, head: u16, len: u32) -> io::Result<()> {
-    vring.add_used(head, len).map_err(queue::to_io)?;
-    if vring.needs_notification().map_err(queue::to_io)? {
-        vring.signal_used_queue()?;
-    }
-    Ok(())
-}
-
 impl FsBackend {
     pub fn new(server: Arc<Server>, opts: FsOptions) -> io::Result<Self> {
         let pool = match opts.thread_pool_size {
@@ -117,8 +99,6 @@ impl FsBackend {
         Ok(FsBackend {
             server,
             opts,
-            mem: RwLock::new(None),
-            event_idx: AtomicBool::new(false),
             pool,
             faults: Arc::new(Faults::default()),
             connected: AtomicBool::new(false),
@@ -127,43 +107,6 @@ impl FsBackend {
 
     pub fn server(&self) -> &Arc<Server> {
         &self.server
-    }
-
-    fn process_queue(&self, vring: &VringRwLock) -> io::Result<()> {
-        let Some(atomic) = self
-            .mem
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-        else {
-            return Ok(());
-        };
-        let event_idx = self.event_idx.load(Ordering::Relaxed);
-        let mem = atomic.memory();
-        queue::drain(vring, &atomic, event_idx, |head| {
-            let index = head.head_index();
-            let segs = Segments::split(head.map(|d| (d.addr(), d.len(), d.is_write_only())), &*mem);
-            let Some(pool) = &self.pool else {
-                let len = run_chain(&self.server, &self.faults, &mem, &segs);
-                return vring.add_used(index, len).map_err(queue::to_io);
-            };
-            let (server, faults, vring, atomic) = (
-                self.server.clone(),
-                self.faults.clone(),
-                vring.clone(),
-                atomic.clone(),
-            );
-            let job: Job = Box::new(move || {
-                let len = run_chain(&server, &faults, &atomic.memory(), &segs);
-                if let Err(e) = complete(&vring, index, len) {
-                    tracing::warn!(error = %e, "completing a request");
-                }
-            });
-            pool.lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .send(job)
-                .map_err(|_| io::Error::other("thread pool gone"))
-        })
     }
 
     fn config(&self) -> Vec<u8> {
@@ -195,24 +138,11 @@ fn spawn_pool(n: usize) -> io::Result<Sender<Job>> {
     Ok(tx)
 }
 
+/// The FUSE session outlives the connection: a VMM that reconnects (cloud-hypervisor does)
+/// brings back a guest that keeps its node ids and open handles, and a guest that mounts anew
+/// starts with FUSE_INIT, which resets the session (`Server::handle`). docs/lifecycle.md.
 impl Device for FsBackend {
     const NAME: &'static str = "vsnap-fs";
-
-    fn connected(&self) {
-        self.connected.store(true, Ordering::SeqCst);
-    }
-
-    fn disconnected(&self) {
-        self.connected.store(false, Ordering::SeqCst);
-        *self.mem.write().unwrap_or_else(PoisonError::into_inner) = None;
-        self.event_idx.store(false, Ordering::Relaxed);
-        self.server.reset();
-    }
-}
-
-impl VhostUserBackend for FsBackend {
-    type Bitmap = ();
-    type Vring = VringRwLock;
 
     fn num_queues(&self) -> usize {
         1 + usize::from(self.opts.request_queues)
@@ -223,10 +153,7 @@ impl VhostUserBackend for FsBackend {
     }
 
     fn features(&self) -> u64 {
-        (1u64 << VIRTIO_F_VERSION_1)
-            | (1 << VIRTIO_RING_F_EVENT_IDX)
-            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
-            | VHOST_USER_F_PROTOCOL_FEATURES
+        0
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -240,10 +167,6 @@ impl VhostUserBackend for FsBackend {
         }
     }
 
-    fn set_event_idx(&self, enabled: bool) {
-        self.event_idx.store(enabled, Ordering::Relaxed);
-    }
-
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         let c = self.config();
         let (o, s) = (offset as usize, size as usize);
@@ -253,33 +176,28 @@ impl VhostUserBackend for FsBackend {
         c[o..o + s].to_vec()
     }
 
-    fn update_memory(&self, mem: Mem) -> io::Result<()> {
-        *self.mem.write().unwrap_or_else(PoisonError::into_inner) = Some(mem);
-        Ok(())
+    fn process(&self, _queue: u16, mem: &GuestMem, head: Chain, done: Completion) {
+        let segs = Segments::split(head.map(|d| (d.addr(), d.len(), d.is_write_only())), &**mem);
+        let Some(pool) = &self.pool else {
+            done.complete(run_chain(&self.server, &self.faults, mem, &segs));
+            return;
+        };
+        let (server, faults, mem) = (self.server.clone(), self.faults.clone(), mem.clone());
+        let job: Job = Box::new(move || {
+            done.complete(run_chain(&server, &faults, &mem, &segs));
+        });
+        // A pool that is gone drops the job, and with it `done`: the chain completes empty.
+        let _ = pool
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .send(job);
     }
 
-    fn queues_per_thread(&self) -> Vec<u64> {
-        (0..self.num_queues()).map(|q| 1u64 << q).collect()
+    fn faults(&self) -> &Faults {
+        &self.faults
     }
 
-    /// Without an exit event the worker threads could never leave their epoll loops.
-    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
-    }
-
-    fn handle_event(
-        &self,
-        device_event: u16,
-        evset: EventSet,
-        vrings: &[VringRwLock],
-        _thread_id: usize,
-    ) -> io::Result<()> {
-        if evset != EventSet::IN {
-            return Ok(());
-        }
-        match vrings.get(usize::from(device_event)) {
-            Some(vring) => self.process_queue(vring),
-            None => Ok(()),
-        }
+    fn connected_flag(&self) -> &AtomicBool {
+        &self.connected
     }
 }

@@ -1,35 +1,41 @@
 //! Serving the socket: listen, serve one frontend at a time, keep listening after it leaves (so a
 //! VMM can reconnect and the guest keeps its disk), and stop cleanly on request.
+//!
+//! Order matters at both ends of a connection. When the frontend leaves, every chain the device
+//! took is completed before the framework's threads are stopped and the next frontend is
+//! accepted, so two connections never write the same rings. When we stop (SIGTERM), the queues
+//! are quiesced *before* the socket is closed: a VMM that reconnects later restarts each queue
+//! from its used index, which then accounts for every chain we took.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use vhost::vhost_user::{Error as VuError, Listener};
-use vhost_user_backend::{Error as DaemonError, ShutdownHandle, VhostUserDaemon};
+use vhost_user_backend::{Error as DaemonError, ShutdownHandle, VhostUserBackend, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-use vhost_user_backend::{VhostUserBackend, VringRwLock};
-
-/// A device [`serve`] can run: a vhost-user backend told when a frontend comes and goes.
-pub trait Device: VhostUserBackend<Vring = VringRwLock, Bitmap = ()> + 'static {
-    /// The daemon's name in the vhost-user framework and in logs.
-    const NAME: &'static str;
-    /// A frontend connected.
-    fn connected(&self);
-    /// The frontend left: forget per-connection state before the next one connects.
-    fn disconnected(&self);
-}
+use crate::listen::{self, ListenError};
+use crate::shell::{Device, Queues, Shell};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("listen on {path}: {source}")]
-    Listen { path: PathBuf, source: VuError },
+    #[error(transparent)]
+    Listen(#[from] ListenError),
     #[error("vhost-user daemon: {0}")]
     Daemon(DaemonError),
+    #[error("device setup: {0}")]
+    Setup(std::io::Error),
 }
+
+/// How long a stop waits for requests in flight before closing the socket anyway; short enough
+/// that a daemon always exits within 2 s of SIGTERM.
+pub const STOP_GRACE: Duration = Duration::from_millis(1500);
+/// How long a disconnect waits for requests in flight before abandoning them.
+const DISCONNECT_GRACE: Duration = Duration::from_secs(10);
 
 /// Stops a running [`serve`] from another thread (a signal handler, a test).
 #[derive(Clone, Default)]
@@ -38,9 +44,14 @@ pub struct Stopper(Arc<StopState>);
 #[derive(Default)]
 struct StopState {
     requested: AtomicBool,
-    connection: Mutex<Option<ShutdownHandle>>,
+    connection: Mutex<Option<Connection>>,
     /// The listening socket, shut down to wake an `accept()` (works inside a chroot too).
     listener: Mutex<Option<RawFd>>,
+}
+
+struct Connection {
+    shutdown: ShutdownHandle,
+    queues: Arc<Queues>,
 }
 
 impl Stopper {
@@ -48,8 +59,9 @@ impl Stopper {
         Self::default()
     }
 
-    /// Asks the server to stop: the frontend's connection is shut down, in-flight requests
-    /// finish, and `serve` returns.
+    /// Asks the server to stop: no more requests are taken, those in flight finish (for at
+    /// most [`STOP_GRACE`]), then the frontend's connection is closed and `serve` returns.
+    /// Returns once the connection is closed.
     pub fn stop(&self) {
         let conn = self
             .0
@@ -58,7 +70,12 @@ impl Stopper {
             .unwrap_or_else(PoisonError::into_inner);
         self.0.requested.store(true, Ordering::SeqCst);
         match &*conn {
-            Some(h) => h.shutdown(),
+            Some(c) => {
+                if !c.queues.quiesce(STOP_GRACE) {
+                    tracing::warn!("stopping with requests still running");
+                }
+                c.shutdown.shutdown();
+            }
             // Waiting in accept(): shutting the listener down makes accept() fail at once.
             None => {
                 if let Some(fd) = *self
@@ -80,30 +97,25 @@ impl Stopper {
     }
 }
 
-/// Serves `backend` on `socket` until `stopper` is triggered. Each frontend gets a fresh daemon
-/// (the framework keeps per-connection state in it); the listener is kept across connections.
-pub fn serve<D: Device>(
-    backend: Arc<D>,
-    socket: &Path,
-    stopper: &Stopper,
-) -> Result<(), ServeError> {
-    let _ = std::fs::remove_file(socket);
-    let listener = UnixListener::bind(socket).map_err(|e| ServeError::Listen {
-        path: socket.to_owned(),
-        source: VuError::SocketError(e),
-    })?;
-    let r = serve_listener(backend, listener, stopper);
-    let _ = std::fs::remove_file(socket);
+/// Serves `device` on a socket at `path`, refusing to take over a socket another process
+/// serves (see [`listen::bind_exclusive`]). The socket file is removed on return if it is
+/// still ours.
+pub fn serve<D: Device>(device: Arc<D>, path: &Path, stopper: &Stopper) -> Result<(), ServeError> {
+    let (listener, file) = listen::bind_exclusive(path)?.into_parts();
+    let r = serve_listener(device, listener, stopper);
+    file.remove();
     r
 }
 
-/// [`serve`] on a socket that is already listening (one a supervisor passed, like `--fd`).
+/// [`serve`] on a socket that is already listening (one a supervisor passed, like `--fd`, or
+/// systemd's).
 pub fn serve_listener<D: Device>(
-    backend: Arc<D>,
+    device: Arc<D>,
     listener: UnixListener,
     stopper: &Stopper,
 ) -> Result<(), ServeError> {
-    let socket = listener
+    let shell = Arc::new(Shell::new(device).map_err(ServeError::Setup)?);
+    let socket: Option<PathBuf> = listener
         .local_addr()
         .ok()
         .and_then(|a| a.as_pathname().map(Path::to_owned));
@@ -113,60 +125,93 @@ pub fn serve_listener<D: Device>(
         .lock()
         .unwrap_or_else(PoisonError::into_inner) = Some(listener.as_raw_fd());
     let mut listener = Listener::from(listener);
-    tracing::info!(device = D::NAME, socket = ?socket, queues = backend.num_queues(), "listening");
-    while !stopper.is_stopped() {
-        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let mut daemon = VhostUserDaemon::new(D::NAME.into(), backend.clone(), mem)
-            .map_err(ServeError::Daemon)?;
-        if let Err(e) = daemon.start(&mut listener) {
-            if stopper.is_stopped() {
-                break;
-            }
-            return Err(ServeError::Daemon(e));
+    tracing::info!(device = D::NAME, socket = ?socket, queues = shell.num_queues(), "listening");
+    let r = loop {
+        if stopper.is_stopped() {
+            break Ok(());
         }
-        {
-            let mut conn = stopper
-                .0
-                .connection
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            if stopper.is_stopped() {
-                daemon.request_shutdown();
-            } else {
-                *conn = daemon.shutdown_handle();
-                backend.connected();
-                tracing::info!("frontend connected");
+        match serve_one(&shell, &mut listener, stopper) {
+            Ok(()) => {}
+            Err(e) if stopper.is_stopped() => {
+                tracing::debug!(error = %e, "accept ended by the stop");
+                break Ok(());
             }
+            Err(e) => break Err(e),
         }
-        let r = daemon.wait();
-        *stopper
-            .0
-            .connection
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = None;
-        for h in daemon.get_epoll_handlers() {
-            h.send_exit_event();
-        }
-        match r {
-            Ok(())
-            | Err(DaemonError::HandleRequest(VuError::Disconnected | VuError::PartialMessage)) => {
-                if !stopper.is_stopped() {
-                    tracing::info!("frontend disconnected; listening for the next one");
-                }
-            }
-            // A misbehaving frontend ends its own connection, not the daemon.
-            Err(e) => {
-                tracing::warn!(error = %e, "frontend connection ended with an error; listening again")
-            }
-        }
-        drop(daemon);
-        backend.disconnected();
-    }
+    };
     *stopper
         .0
         .listener
         .lock()
         .unwrap_or_else(PoisonError::into_inner) = None;
     tracing::info!("stopped serving");
+    r
+}
+
+/// Accepts one frontend and serves it until it leaves or the stopper stops it.
+fn serve_one<D: Device>(
+    shell: &Arc<Shell<D>>,
+    listener: &mut Listener,
+    stopper: &Stopper,
+) -> Result<(), ServeError> {
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let mut daemon =
+        VhostUserDaemon::new(D::NAME.into(), shell.clone(), mem).map_err(ServeError::Daemon)?;
+    if let Err(e) = daemon.start(listener) {
+        // The framework's threads exit when the daemon drops; nothing was connected.
+        for h in daemon.get_epoll_handlers() {
+            h.send_exit_event();
+        }
+        drop(daemon);
+        shell.end_connection();
+        return Err(ServeError::Daemon(e));
+    }
+    {
+        let mut conn = stopper
+            .0
+            .connection
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        shell.begin_connection();
+        match daemon.shutdown_handle() {
+            Some(shutdown) if !stopper.is_stopped() => {
+                *conn = Some(Connection {
+                    shutdown,
+                    queues: shell.queues().clone(),
+                });
+                tracing::info!("frontend connected");
+            }
+            _ => daemon.request_shutdown(),
+        }
+    }
+    let r = daemon.wait();
+    *stopper
+        .0
+        .connection
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner) = None;
+    // The frontend is gone (or we closed it after quiescing): finish what it left in flight
+    // before the framework's threads go and the next frontend can take the rings.
+    if !shell.quiesce(DISCONNECT_GRACE) {
+        tracing::warn!("requests of the departed frontend abandoned");
+    }
+    for h in daemon.get_epoll_handlers() {
+        h.send_exit_event();
+    }
+    match r {
+        Ok(())
+        | Err(DaemonError::HandleRequest(VuError::Disconnected | VuError::PartialMessage)) => {
+            if !stopper.is_stopped() {
+                tracing::info!("frontend disconnected; listening for the next one");
+            }
+        }
+        // A misbehaving frontend ends its own connection, not the daemon.
+        Err(e) => {
+            tracing::warn!(error = %e, "frontend connection ended with an error; listening again")
+        }
+    }
+    // Joins the worker threads and drops the connection's rings, eventfds and memory.
+    drop(daemon);
+    shell.end_connection();
     Ok(())
 }

@@ -1,0 +1,490 @@
+//! One vhost-user backend for every vsnap device, in the uniform shape of rust-vmm's
+//! vhost-device crates: the shell keeps what is the same for every device (guest memory,
+//! EVENT_IDX, the standard feature bits, one worker thread per queue, exit events, connection
+//! state, in-flight accounting) and a [`Device`] supplies only its features, its config space and
+//! what to do with one descriptor chain.
+//!
+//! In-flight accounting is what makes a disconnect safe under load: a chain counts as in flight
+//! from the moment it is popped until its [`Completion`] is used. [`Shell::quiesce`] stops every
+//! queue from popping and waits for the count to reach zero, so when the rings are handed back
+//! (the socket closed, or `GET_VRING_BASE` answered) the used index covers every chain the
+//! device took. A frontend that then restarts from the used index (QEMU after a disconnect)
+//! loses nothing and sees nothing twice.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::faults::Faults;
+use crate::queue::{self, Chain, Ring};
+
+const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
+
+/// Guest memory as the framework hands it over.
+pub type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
+/// A snapshot of guest memory: cheap to clone, and keeps the mapping alive while held.
+pub type GuestMem = GuestMemoryLoadGuard<GuestMemoryMmap>;
+
+/// What a vhost-user device implements; [`Shell`] does the rest.
+pub trait Device: Send + Sync + 'static {
+    /// The daemon's name in the vhost-user framework and in logs.
+    const NAME: &'static str;
+
+    fn num_queues(&self) -> usize;
+    fn max_queue_size(&self) -> usize;
+    /// Device-type feature bits. The shell adds `VERSION_1`, `RING_EVENT_IDX`,
+    /// `RING_INDIRECT_DESC` and `VHOST_USER_F_PROTOCOL_FEATURES`.
+    fn features(&self) -> u64;
+    fn protocol_features(&self) -> VhostUserProtocolFeatures;
+    /// The features the driver accepted (sent again on every connection).
+    fn acked_features(&self, _features: u64) {}
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8>;
+    fn set_config(&self, _offset: u32, _buf: &[u8]) -> io::Result<()> {
+        Err(io::Error::from_raw_os_error(libc::EINVAL))
+    }
+    /// Handles one chain popped from queue `queue` (its buffers are in `mem`), completing it
+    /// through `done` now or later from any thread. Completing with the used length is the
+    /// device's whole duty.
+    fn process(&self, queue: u16, mem: &GuestMem, chain: Chain, done: Completion);
+    /// Where the device's guest-caused faults are counted; the shell counts its own there too.
+    fn faults(&self) -> &Faults;
+    /// The flag the shell keeps true exactly while a frontend is connected.
+    fn connected_flag(&self) -> &AtomicBool;
+    /// The frontend left and its requests are finished: drop per-connection state. What the
+    /// driver negotiated and a reconnecting VMM will not resend must be kept.
+    fn disconnected(&self) {}
+}
+
+/// One queue's in-flight accounting.
+#[derive(Default)]
+struct QueueCtl {
+    /// Chains popped and not yet completed.
+    inflight: AtomicUsize,
+    /// Set while the queue's worker is inside [`Shell::drain`]; completions made meanwhile
+    /// leave the guest notification to the drain, which batches it.
+    draining: AtomicBool,
+    /// A completion was made during a drain and left its guest notification to it.
+    deferred: AtomicBool,
+    /// The queue (re)started: its first drain interrupts the guest whatever EVENT_IDX says. A
+    /// daemon killed between publishing completions and signalling them left the guest waiting
+    /// for an interrupt that never came; with nothing else in flight it would wait for good.
+    restarted: AtomicBool,
+    /// Bumped when the queue's outstanding chains are abandoned: a completion carrying an older
+    /// generation must not touch rings that now belong to the next frontend. Completions take
+    /// the read side, so bumping it waits for one that is writing the used ring.
+    generation: RwLock<u64>,
+}
+
+/// The shared part of the shell: what [`Completion`]s and the stopper reach.
+pub(crate) struct Queues {
+    queues: Vec<QueueCtl>,
+    /// No queue pops another chain while set (a stop or a disconnect is under way).
+    stopping: AtomicBool,
+}
+
+impl Queues {
+    fn new(n: usize) -> Self {
+        Queues {
+            queues: (0..n).map(|_| QueueCtl::default()).collect(),
+            stopping: AtomicBool::new(false),
+        }
+    }
+
+    fn idle(&self, q: &QueueCtl) -> bool {
+        q.inflight.load(Ordering::SeqCst) == 0 && !q.draining.load(Ordering::SeqCst)
+    }
+
+    /// Waits until `pick` queues are idle or `timeout` passes; true if they are.
+    fn wait_idle(&self, pick: impl Fn(usize) -> bool, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let busy = self
+                .queues
+                .iter()
+                .enumerate()
+                .any(|(i, q)| pick(i) && !self.idle(q));
+            if !busy {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            // Rare path (stop, disconnect): polling keeps the data path free of any lock.
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Gives up on the chains of queue `q` still outstanding: they will never touch the ring.
+    fn abandon(&self, q: &QueueCtl) {
+        let mut g = q.generation.write().unwrap_or_else(PoisonError::into_inner);
+        *g += 1;
+        let n = q.inflight.swap(0, Ordering::SeqCst);
+        if n > 0 {
+            tracing::warn!(
+                requests = n,
+                "abandoned requests that did not finish in time"
+            );
+        }
+    }
+
+    /// Stops every queue from popping and waits (up to `timeout`) for what is in flight to
+    /// complete. Returns whether everything completed; what did not is abandoned.
+    pub(crate) fn quiesce(&self, timeout: Duration) -> bool {
+        self.stopping.store(true, Ordering::SeqCst);
+        let done = self.wait_idle(|_| true, timeout);
+        if !done {
+            self.queues.iter().for_each(|q| self.abandon(q));
+        }
+        done
+    }
+
+    fn resume(&self) {
+        for q in &self.queues {
+            q.restarted.store(true, Ordering::SeqCst);
+        }
+        self.stopping.store(false, Ordering::SeqCst);
+    }
+}
+
+/// The right and duty to complete one popped chain. Dropping it uncompleted completes the chain
+/// with length 0: the guest sees an error instead of a request that never ends.
+pub struct Completion {
+    vring: VringRwLock,
+    head: u16,
+    queue: u16,
+    generation: u64,
+    queues: Arc<Queues>,
+    done: bool,
+}
+
+impl Completion {
+    /// The chain's head descriptor index.
+    pub fn head(&self) -> u16 {
+        self.head
+    }
+
+    /// Puts the chain in the used ring with `len` bytes written, and notifies the guest if it
+    /// asked to be (unless the queue's drain will, for the whole batch).
+    pub fn complete(mut self, len: u32) {
+        self.done = true;
+        self.finish(len);
+    }
+
+    fn finish(&self, len: u32) {
+        let ctl = &self.queues.queues[usize::from(self.queue)];
+        let g = ctl
+            .generation
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        if *g != self.generation {
+            return;
+        }
+        if let Err(e) = self.vring.add_used(self.head, len) {
+            tracing::warn!(error = %e, "completing a request");
+        }
+        ctl.inflight.fetch_sub(1, Ordering::SeqCst);
+        // Marked before looking, so a drain that ends after our look still sees the mark.
+        ctl.deferred.store(true, Ordering::SeqCst);
+        if !ctl.draining.load(Ordering::SeqCst) {
+            signal(&self.vring);
+        }
+    }
+}
+
+impl Drop for Completion {
+    fn drop(&mut self) {
+        if !self.done {
+            tracing::warn!(
+                head = self.head,
+                "request dropped uncompleted: completed empty"
+            );
+            self.finish(0);
+        }
+    }
+}
+
+fn signal(vring: &VringRwLock) {
+    match vring.needs_notification() {
+        Ok(true) => {
+            if let Err(e) = vring.signal_used_queue() {
+                tracing::warn!(error = %e, "signalling the guest");
+            }
+        }
+        Ok(false) => {}
+        Err(e) => tracing::warn!(error = %e, "reading the guest's used event"),
+    }
+}
+
+/// A worker thread's exit event, made once and reused by every connection: the framework
+/// registers the consumer in each connection's epoll set and never closes it, so a fresh one per
+/// connection would leak an fd per queue per connection.
+struct ExitEvent {
+    consumer: EventConsumer,
+    notifier: EventNotifier,
+}
+
+/// The backend the vhost-user framework runs: a [`Device`] and everything around it.
+pub struct Shell<D: Device> {
+    dev: Arc<D>,
+    mem: RwLock<Option<Mem>>,
+    event_idx: AtomicBool,
+    queues: Arc<Queues>,
+    exits: Vec<ExitEvent>,
+}
+
+/// How long `GET_VRING_BASE` waits for the queue's requests before abandoning them.
+const STOP_VRING_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl<D: Device> Shell<D> {
+    pub fn new(dev: Arc<D>) -> io::Result<Self> {
+        let n = dev.num_queues();
+        let exits = (0..n)
+            .map(|_| {
+                new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)
+                    .map(|(consumer, notifier)| ExitEvent { consumer, notifier })
+            })
+            .collect::<io::Result<_>>()?;
+        Ok(Shell {
+            dev,
+            mem: RwLock::new(None),
+            event_idx: AtomicBool::new(false),
+            queues: Arc::new(Queues::new(n)),
+            exits,
+        })
+    }
+
+    pub fn device(&self) -> &Arc<D> {
+        &self.dev
+    }
+
+    pub fn connected(&self) -> bool {
+        self.dev.connected_flag().load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn queues(&self) -> &Arc<Queues> {
+        &self.queues
+    }
+
+    /// A frontend connected: queues may pop again.
+    pub(crate) fn begin_connection(&self) {
+        self.queues.resume();
+        self.dev.connected_flag().store(true, Ordering::SeqCst);
+    }
+
+    /// Stops every queue and waits up to `timeout` for the requests in flight.
+    pub fn quiesce(&self, timeout: Duration) -> bool {
+        self.queues.quiesce(timeout)
+    }
+
+    /// The frontend is gone and the framework's threads have exited: forget the connection.
+    pub(crate) fn end_connection(&self) {
+        *self.mem.write().unwrap_or_else(PoisonError::into_inner) = None;
+        self.event_idx.store(false, Ordering::Relaxed);
+        // The exit events are reused: clear what this connection's exit left in them.
+        for e in &self.exits {
+            let _ = e.consumer.consume();
+        }
+        self.dev.disconnected();
+        self.dev.connected_flag().store(false, Ordering::SeqCst);
+    }
+
+    /// Hands every available chain of queue `index` to the device, then signals the guest if
+    /// it asked to be. With EVENT_IDX it keeps going until re-enabling notifications finds
+    /// nothing new (else a request arriving in between would wait for the next kick).
+    fn drain(&self, index: u16, vring: &VringRwLock) -> io::Result<()> {
+        let Some(mem) = self
+            .mem
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+        else {
+            return Ok(());
+        };
+        let ctl = &self.queues.queues[usize::from(index)];
+        ctl.draining.store(true, Ordering::SeqCst);
+        let r = self.drain_rounds(index, ctl, vring, &mem);
+        ctl.draining.store(false, Ordering::SeqCst);
+        if ctl.restarted.swap(false, Ordering::SeqCst) {
+            // Spurious interrupts are harmless: the driver just finds nothing new.
+            if let Err(e) = vring.signal_used_queue() {
+                tracing::warn!(error = %e, "signalling the guest");
+            }
+        } else if ctl.deferred.swap(false, Ordering::SeqCst) {
+            // A completion made on another thread after our last signal left it to us.
+            signal(vring);
+        }
+        r
+    }
+
+    fn drain_rounds(
+        &self,
+        index: u16,
+        ctl: &QueueCtl,
+        vring: &VringRwLock,
+        mem: &Mem,
+    ) -> io::Result<()> {
+        let event_idx = self.event_idx.load(Ordering::Relaxed);
+        let stopping = || self.queues.stopping.load(Ordering::SeqCst);
+        loop {
+            let guest = mem.memory();
+            match queue::ring_usable(vring, &guest) {
+                Ring::Usable => {}
+                Ring::NotReady => return Ok(()),
+                Ring::Corrupt(fault) => {
+                    self.dev.faults().record(fault);
+                    return Ok(());
+                }
+            }
+            if event_idx {
+                vring.disable_notification().map_err(queue::to_io)?;
+            }
+            while !stopping() {
+                let Some(chain) = queue::pop(vring, &guest) else {
+                    break;
+                };
+                let generation = *ctl
+                    .generation
+                    .read()
+                    .unwrap_or_else(PoisonError::into_inner);
+                ctl.inflight.fetch_add(1, Ordering::SeqCst);
+                let done = Completion {
+                    vring: vring.clone(),
+                    head: chain.head_index(),
+                    queue: index,
+                    generation,
+                    queues: self.queues.clone(),
+                    done: false,
+                };
+                self.dev.process(index, &guest, chain, done);
+            }
+            // This signal covers every completion so far, this thread's and others'.
+            ctl.deferred.store(false, Ordering::SeqCst);
+            signal(vring);
+            // Stopping: leave notifications as they are; the next frontend starts the queue
+            // afresh.
+            if stopping() || !event_idx || !vring.enable_notification().map_err(queue::to_io)? {
+                return Ok(());
+            }
+        }
+    }
+}
+
+impl<D: Device> VhostUserBackend for Shell<D> {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        self.dev.num_queues()
+    }
+
+    fn max_queue_size(&self) -> usize {
+        self.dev.max_queue_size()
+    }
+
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+            | VIRTIO_RING_F_EVENT_IDX
+            | VIRTIO_RING_F_INDIRECT_DESC
+            | VHOST_USER_F_PROTOCOL_FEATURES
+            | self.dev.features()
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.dev.acked_features(features);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        self.dev.protocol_features()
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        self.dev.get_config(offset, size)
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        self.dev.set_config(offset, buf)
+    }
+
+    fn update_memory(&self, mem: Mem) -> io::Result<()> {
+        *self.mem.write().unwrap_or_else(PoisonError::into_inner) = Some(mem);
+        Ok(())
+    }
+
+    /// One worker thread per queue: no queue waits behind another's I/O.
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.dev.num_queues()).map(|q| 1u64 << q).collect()
+    }
+
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let e = self.exits.get(thread_index)?;
+        let notifier = match e.notifier.try_clone() {
+            Ok(n) => n,
+            Err(err) => {
+                tracing::error!(error = %err, "cloning an exit event");
+                return None;
+            }
+        };
+        // SAFETY: vhost-user-backend 0.24.0 (pinned in Cargo.toml) turns this consumer into a
+        // raw fd for its epoll set at once (`VringEpollHandler::new`) and never closes it, so
+        // the fd stays solely owned by `self.exits`, which outlives every connection's daemon.
+        // The notifier is a real duplicate: the framework drops (closes) it with the daemon.
+        let consumer = unsafe { EventConsumer::from_raw_fd(e.consumer.as_raw_fd()) };
+        Some((consumer, notifier))
+    }
+
+    /// `GET_VRING_BASE`: the queue is no longer ready (nothing more is popped); answer only
+    /// once the chains it already handed out are completed, so the base we return is exact.
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        let i = queue_index as usize;
+        let Some(q) = self.queues.queues.get(i) else {
+            return Ok(());
+        };
+        if !self.queues.wait_idle(|j| j == i, STOP_VRING_TIMEOUT) {
+            tracing::warn!(
+                queue = i,
+                "requests still running when the queue was stopped"
+            );
+            self.queues.abandon(q);
+        }
+        // When the frontend starts the queue again, the guest hears from it at once.
+        q.restarted.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Ok(());
+        }
+        // Each thread serves one queue: its vrings[0], queue number `thread_id`.
+        let (Some(vring), Ok(index)) = (
+            vrings.get(usize::from(device_event)),
+            u16::try_from(thread_id),
+        ) else {
+            return Ok(());
+        };
+        self.drain(index, vring)
+    }
+}
