@@ -84,8 +84,10 @@ fn a_stop_under_load_finishes_what_it_took_then_closes_within_two_seconds() {
 #[test]
 fn a_queue_stopped_under_load_reports_a_base_covering_every_chain_it_took() {
     let dev = Dev::start(QUEUES);
-    let mut fe = dev.connect_with(1, 64 << 20);
-    place_writes(&mut fe, 0, 200, 64 << 10, 3);
+    // 200 writes of 256 KiB (50 MiB, within the 64 MiB disk): far more than the device can
+    // finish between its first completion and the stop, however fast the machine.
+    let mut fe = dev.connect_with(1, 128 << 20);
+    place_writes(&mut fe, 0, 200, 256 << 10, 3);
     fe.queues[0].publish(&fe.mem);
     wait_until("some requests complete", || {
         !fe.queues[0].poll_used(&fe.mem).is_empty()
