@@ -26,6 +26,7 @@ unit:
 guest:
 	tests/guest/blk.sh
 	tests/guest/snapshot.sh
+	tests/guest/crash.sh
 	tests/guest/fs.sh
 	tests/guest/reconnect.sh
 	bench/economy.sh --check zero-file/default fill-delete/fstrim

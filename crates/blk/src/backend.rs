@@ -34,6 +34,10 @@ pub struct BlkBackend {
     /// The cache mode the guest chose. Kept across reconnects: a reconnecting VMM does not
     /// send it again, and a guest that chose write-through must stay write-through.
     writeback: AtomicBool,
+    /// The mode the guest set through the config space (or a previous daemon saved), if it
+    /// ever did: it holds for every driver that negotiates CONFIG_WCE, whatever drivers without
+    /// it (firmware) negotiated in between.
+    chosen: Mutex<Option<bool>>,
     /// Where the cache mode is kept across daemon restarts, if anywhere.
     cache_file: Option<CacheModeFile>,
     /// Bounce buffers, one per queue (each queue has its own worker thread).
@@ -54,6 +58,7 @@ impl BlkBackend {
             disk,
             opts,
             writeback: AtomicBool::new(true),
+            chosen: Mutex::new(None),
             cache_file: None,
             faults: Faults::default(),
             dropped_chains: AtomicU64::new(0),
@@ -67,6 +72,7 @@ impl BlkBackend {
         if let Some(wce) = file.load()? {
             tracing::info!(writeback = wce, "cache mode the guest set earlier");
             self.writeback.store(wce, Ordering::Relaxed);
+            *self.chosen.lock().unwrap_or_else(PoisonError::into_inner) = Some(wce);
         }
         self.cache_file = Some(file);
         Ok(self)
@@ -115,11 +121,18 @@ impl Device for BlkBackend {
 
     fn acked_features(&self, features: u64) {
         // Without CONFIG_WCE the cache mode follows FLUSH: a driver that cannot flush gets
-        // write-through, so every completed write is durable (virtio 1.3 §5.2.6.1).
-        if features & (1 << VIRTIO_BLK_F_CONFIG_WCE) == 0 {
-            self.writeback
-                .store(features & (1 << VIRTIO_BLK_F_FLUSH) != 0, Ordering::Relaxed);
-        }
+        // write-through, so every completed write is durable (virtio 1.3 §5.2.6.1). With it,
+        // the mode the guest chose stands (a reconnecting VMM re-acks the same features and
+        // never sets it again); until it chooses, the default again follows FLUSH. Firmware
+        // (SeaBIOS) negotiates first without either, and must not leave Linux write-through.
+        let flush = features & (1 << VIRTIO_BLK_F_FLUSH) != 0;
+        let wce = features & (1 << VIRTIO_BLK_F_CONFIG_WCE) != 0;
+        let chosen = *self.chosen.lock().unwrap_or_else(PoisonError::into_inner);
+        let mode = match chosen {
+            Some(mode) if wce => mode,
+            _ => flush,
+        };
+        self.writeback.store(mode, Ordering::Relaxed);
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -146,6 +159,7 @@ impl Device for BlkBackend {
             self.disk.flush().map_err(io::Error::other)?;
         }
         self.writeback.store(wce, Ordering::Relaxed);
+        *self.chosen.lock().unwrap_or_else(PoisonError::into_inner) = Some(wce);
         tracing::info!(writeback = wce, "guest set the cache mode");
         match &self.cache_file {
             Some(f) => f.store(wce).inspect_err(|e| {

@@ -227,3 +227,37 @@ fn a_started_queue_interrupts_the_guest_once() {
         wait_until("the queue interrupts the guest", || q.call.read().is_ok());
     }
 }
+
+/// SeaBIOS negotiates first, without FLUSH or CONFIG_WCE; Linux then acks both. The guest
+/// must end up write-back until it chooses otherwise, and what it chooses must survive a VMM
+/// that re-acks the same features (a reconnect) and firmware negotiating in between (a reboot).
+#[test]
+fn the_cache_mode_follows_the_driver_that_can_choose_it() {
+    use vsnap_vhost::Device;
+    const FLUSH: u64 = 1 << virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
+    const WCE: u64 = 1 << virtio_bindings::virtio_blk::VIRTIO_BLK_F_CONFIG_WCE;
+    const VERSION_1: u64 = 1 << 32;
+    let dev = Dev::start(1);
+    let b = &dev.backend;
+    let (firmware, linux) = (VERSION_1, VERSION_1 | FLUSH | WCE);
+    b.acked_features(firmware);
+    assert!(
+        !b.writeback(),
+        "a driver that cannot flush is served write-through"
+    );
+    b.acked_features(linux);
+    assert!(b.writeback(), "firmware's negotiation must not stick");
+    b.set_config(32, &[0]).unwrap();
+    for features in [linux, firmware, linux] {
+        b.acked_features(features);
+    }
+    assert!(!b.writeback(), "the guest chose write-through");
+    b.set_config(32, &[1]).unwrap();
+    b.acked_features(firmware);
+    assert!(
+        !b.writeback(),
+        "without FLUSH, write-through whatever was chosen"
+    );
+    b.acked_features(linux);
+    assert!(b.writeback());
+}
