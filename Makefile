@@ -29,6 +29,8 @@ guest:
 	tests/guest/crash.sh
 	tests/guest/fs.sh
 	tests/guest/reconnect.sh
+	KILL9=1 tests/guest/reconnect.sh
+	WRITE_THROUGH=1 tests/guest/reconnect.sh
 	bench/economy.sh --check zero-file/default fill-delete/fstrim
 
 lint:
