@@ -71,6 +71,7 @@ for row in "${rows[@]}"; do
     --api-socket "$work/api.sock" > "$work/daemon.log" 2>&1 &
   daemon=$!
   wait_for "$work/blk.sock"
+  wait_for "$work/api.sock"
   ctl_start
   on_guest() { [ "$1" = READY ] && { ctl cut >/dev/null; echo CUT; }; return 0; }
   GUEST_ENV=("WORKLOAD=$wl" "MOUNT_OPTS=$opts" "TRIM=$trim" "SYNC=$sync" "MKFS_OPTS='$mkfs_opts'")

@@ -13,6 +13,7 @@ RUST_LOG=warn "$vsnap" blk --socket-path "$work/blk.sock" --size 512M --state-di
   --api-socket "$work/api.sock" --num-queues 2 > "$work/daemon.log" 2>&1 &
 daemon=$!
 wait_for "$work/blk.sock"
+wait_for "$work/api.sock"
 ctl_start
 n=0
 on_guest() { # the guest asks for a cut while it keeps writing

@@ -14,6 +14,7 @@ RUST_LOG=info "$vsnap" blk --socket-path "$sock" --base "$work/base.img" --state
   --api-socket "$work/api.sock" --num-queues 2 > "$work/daemon.log" 2>&1 &
 daemon=$!
 wait_for "$sock"
+wait_for "$work/api.sock"
 [ "$(stat -c %a "$work/api.sock")" = 600 ] || fail "control socket is not 0600"
 ctl_start
 on_guest() { # the guest froze its file system: cut, then let it thaw

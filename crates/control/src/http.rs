@@ -171,7 +171,14 @@ impl Server {
                 std::fs::remove_file(path)?;
             }
         }
-        let listener = UnixListener::bind(path)?;
+        // Created 0600, not made so afterwards: nobody else may connect in between. The umask
+        // is the process's; a file another thread creates meanwhile is at most 0600 too.
+        // SAFETY: plain syscalls on the process umask.
+        let old = unsafe { libc::umask(0o177) };
+        let bound = UnixListener::bind(path);
+        // SAFETY: as above.
+        unsafe { libc::umask(old) };
+        let listener = bound?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
         listener.set_nonblocking(true)?;
         Ok(Self {
