@@ -1,7 +1,8 @@
 //! virtio-blk requests: splitting a descriptor chain into its device-readable bytes, its
 //! device-writable bytes and the status byte, without assuming any layout (the header, data and
-//! status may be split or merged across descriptors in any way), then executing the request on
-//! the block layer. Pure over guest memory: unit-tested with `GuestMemoryMmap`, no sockets.
+//! status may be split or merged across descriptors in any way), then executing the request that
+//! [`crate::parse`] made of it on the block layer. Pure over guest memory: tested with
+//! `GuestMemoryMmap` (crates/blk/tests/vhost.rs drives it over a socket, crates/fuzz alone).
 
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 use vsnap_block::{BlockError, Disk};
@@ -9,21 +10,9 @@ use vsnap_vhost::chain::Segments;
 pub use vsnap_vhost::chain::{gather, scatter, Seg};
 
 use crate::config::Limits;
+use crate::parse::{self, Header, Refused, Request, HEADER_LEN};
+pub use crate::parse::{ID_LEN, S_IOERR, S_OK, S_UNSUPP};
 
-pub const S_OK: u8 = 0;
-pub const S_IOERR: u8 = 1;
-pub const S_UNSUPP: u8 = 2;
-
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
-const T_FLUSH: u32 = 4;
-const T_FLUSH_OUT: u32 = 5; // legacy name of FLUSH
-const T_GET_ID: u32 = 8;
-const T_DISCARD: u32 = 11;
-const T_WRITE_ZEROES: u32 = 13;
-const T_BARRIER: u32 = 0x8000_0000; // legacy flag; masked off like QEMU does
-const SEG_UNMAP: u32 = 1;
-pub const ID_LEN: usize = 20;
 /// Requests are moved between guest memory and the disk in pieces of at most this size.
 const CHUNK: usize = 1 << 20;
 
@@ -114,6 +103,12 @@ impl Outcome {
     }
 }
 
+impl From<Refused> for Outcome {
+    fn from(r: Refused) -> Self {
+        Outcome::err(r.status, r.why)
+    }
+}
+
 /// Executes the request in `chain` and writes its status byte. Returns `None` when the chain has
 /// no status byte to write (the caller completes it with length 0).
 pub fn process<M: GuestMemoryBackend>(
@@ -139,101 +134,82 @@ fn execute<M: GuestMemoryBackend>(
     chain: &Chain,
     buf: &mut Vec<u8>,
 ) -> Outcome {
-    let mut hdr = [0u8; 16];
-    if chain.readable_len() < 16 || !gather(mem, &chain.readable, 0, &mut hdr) {
+    let mut hdr = [0u8; HEADER_LEN as usize];
+    if chain.readable_len() < HEADER_LEN || !gather(mem, &chain.readable, 0, &mut hdr) {
         return Outcome::err(S_IOERR, "request header shorter than 16 bytes");
     }
-    let kind = u32::from_le_bytes(hdr[0..4].try_into().expect("4 bytes")) & !T_BARRIER;
-    let sector = u64::from_le_bytes(hdr[8..16].try_into().expect("8 bytes"));
     let disk = ctx.disk;
-    let writes = matches!(kind, T_OUT | T_DISCARD | T_WRITE_ZEROES);
-    if writes && disk.readonly() {
-        return Outcome::err(S_IOERR, "write to a read-only disk");
-    }
-    let out = match kind {
-        T_IN => {
-            let len = chain.writable_len();
-            match transfer_range(sector, len) {
-                Err(f) => Outcome::err(S_IOERR, f),
-                Ok(off) => {
-                    let io = disk.io();
-                    let mut done = 0u64;
-                    let mut res = Outcome::ok(u32::try_from(len + 1).unwrap_or(u32::MAX));
-                    while done < len {
-                        let n = (len - done).min(CHUNK as u64) as usize;
-                        buf.resize(n.max(buf.len()), 0);
-                        if let Err(e) = io.read(off + done, &mut buf[..n]) {
-                            res = block_err(e);
-                            break;
-                        }
-                        if !scatter(mem, &chain.writable, done, &buf[..n]) {
-                            res = Outcome::err(S_IOERR, "guest buffer not writable");
-                            break;
-                        }
-                        done += n as u64;
-                    }
-                    res
+    let dev = parse::Device {
+        capacity: disk.geometry().size,
+        readonly: disk.readonly(),
+        limits: ctx.limits,
+    };
+    let out_len = chain.readable_len() - HEADER_LEN;
+    let req = match parse::parse(&dev, Header::parse(&hdr), out_len, chain.writable_len()) {
+        Ok(r) => r,
+        Err(refused) => return refused.into(),
+    };
+    let out = match req {
+        Request::Read { offset, len } => {
+            let io = disk.io();
+            let mut done = 0u64;
+            let mut res = Outcome::ok(u32::try_from(len + 1).unwrap_or(u32::MAX));
+            while done < len {
+                let n = (len - done).min(CHUNK as u64) as usize;
+                buf.resize(n.max(buf.len()), 0);
+                if let Err(e) = io.read(offset + done, &mut buf[..n]) {
+                    res = block_err(e);
+                    break;
                 }
-            }
-        }
-        T_OUT => {
-            let len = chain.readable_len() - 16;
-            match transfer_range(sector, len) {
-                Err(f) => Outcome::err(S_IOERR, f),
-                Ok(off) => {
-                    let io = disk.io();
-                    let mut done = 0u64;
-                    let mut res = Outcome::ok(1);
-                    while done < len {
-                        let n = (len - done).min(CHUNK as u64) as usize;
-                        buf.resize(n.max(buf.len()), 0);
-                        if !gather(mem, &chain.readable, 16 + done, &mut buf[..n]) {
-                            res = Outcome::err(S_IOERR, "guest buffer not readable");
-                            break;
-                        }
-                        if let Err(e) = io.write(off + done, &buf[..n]) {
-                            res = block_err(e);
-                            break;
-                        }
-                        done += n as u64;
-                    }
-                    res
+                if !scatter(mem, &chain.writable, done, &buf[..n]) {
+                    res = Outcome::err(S_IOERR, "guest buffer not writable");
+                    break;
                 }
+                done += n as u64;
             }
+            res
         }
-        T_FLUSH | T_FLUSH_OUT => match disk.flush() {
+        Request::Write { offset, len } => {
+            let io = disk.io();
+            let mut done = 0u64;
+            let mut res = Outcome::ok(1);
+            while done < len {
+                let n = (len - done).min(CHUNK as u64) as usize;
+                buf.resize(n.max(buf.len()), 0);
+                if !gather(mem, &chain.readable, HEADER_LEN + done, &mut buf[..n]) {
+                    res = Outcome::err(S_IOERR, "guest buffer not readable");
+                    break;
+                }
+                if let Err(e) = io.write(offset + done, &buf[..n]) {
+                    res = block_err(e);
+                    break;
+                }
+                done += n as u64;
+            }
+            res
+        }
+        Request::Flush => match disk.flush() {
             Ok(()) => Outcome::ok(1),
             Err(e) => block_err(e),
         },
-        T_GET_ID => {
+        Request::GetId => {
             let mut id = [0u8; ID_LEN];
             let n = ctx.serial.len().min(ID_LEN);
             id[..n].copy_from_slice(&ctx.serial[..n]);
-            if chain.writable_len() < ID_LEN as u64 {
-                Outcome::err(S_IOERR, "GET_ID buffer shorter than 20 bytes")
-            } else if !scatter(mem, &chain.writable, 0, &id) {
-                Outcome::err(S_IOERR, "guest buffer not writable")
-            } else {
+            if scatter(mem, &chain.writable, 0, &id) {
                 Outcome::ok(ID_LEN as u32 + 1)
+            } else {
+                Outcome::err(S_IOERR, "guest buffer not writable")
             }
         }
-        T_DISCARD | T_WRITE_ZEROES => ranges(ctx, mem, chain, kind == T_DISCARD, buf),
-        _ => Outcome::err(S_UNSUPP, "unsupported request type"),
+        Request::Ranges { discard, .. } => ranges(ctx, &dev, mem, chain, discard, buf),
     };
-    if writes && out.status == S_OK && !ctx.writeback {
+    if req.writes() && out.status == S_OK && !ctx.writeback {
         if let Err(e) = disk.flush() {
             return block_err(e);
         }
     }
     out
-}
-
-/// Byte offset of a transfer of `len` bytes at `sector`, if its length is whole sectors.
-fn transfer_range(sector: u64, len: u64) -> Result<u64, &'static str> {
-    if !len.is_multiple_of(512) {
-        return Err("data length not a multiple of 512");
-    }
-    sector.checked_mul(512).ok_or("sector out of range")
 }
 
 fn block_err(e: BlockError) -> Outcome {
@@ -252,77 +228,32 @@ fn block_err(e: BlockError) -> Outcome {
     }
 }
 
-/// DISCARD and WRITE_ZEROES: an array of `{le64 sector, le32 num_sectors, le32 flags}`. Every
-/// segment is validated before any is executed, and all run under one request ticket.
+/// DISCARD and WRITE_ZEROES: every segment is checked before any is executed, and all run
+/// under one request ticket.
 fn ranges<M: GuestMemoryBackend>(
     ctx: &Ctx<'_>,
+    dev: &parse::Device,
     mem: &M,
     chain: &Chain,
     discard: bool,
     buf: &mut Vec<u8>,
 ) -> Outcome {
-    let len = chain.readable_len() - 16;
-    let (max_seg, max_sectors) = if discard {
-        (ctx.limits.max_discard_seg, ctx.limits.max_discard_sectors)
-    } else {
-        (
-            ctx.limits.max_write_zeroes_seg,
-            ctx.limits.max_write_zeroes_sectors,
-        )
-    };
-    if len == 0 || !len.is_multiple_of(16) {
-        return Outcome::err(
-            S_IOERR,
-            "discard/write-zeroes payload not a multiple of 16 bytes",
-        );
-    }
-    if len / 16 > u64::from(max_seg) {
-        return Outcome::err(
-            S_IOERR,
-            "more discard/write-zeroes segments than advertised",
-        );
-    }
-    buf.resize((len as usize).max(buf.len()), 0);
-    let payload = &mut buf[..len as usize];
-    if !gather(mem, &chain.readable, 16, payload) {
+    let len = (chain.readable_len() - HEADER_LEN) as usize;
+    buf.resize(len.max(buf.len()), 0);
+    let payload = &mut buf[..len];
+    if !gather(mem, &chain.readable, HEADER_LEN, payload) {
         return Outcome::err(S_IOERR, "guest buffer not readable");
     }
-    let mut segs = Vec::with_capacity(payload.len() / 16);
-    for s in payload.chunks_exact(16) {
-        let sector = u64::from_le_bytes(s[0..8].try_into().expect("8 bytes"));
-        let sectors = u32::from_le_bytes(s[8..12].try_into().expect("4 bytes"));
-        let flags = u32::from_le_bytes(s[12..16].try_into().expect("4 bytes"));
-        if flags & !SEG_UNMAP != 0 {
-            return Outcome::err(S_UNSUPP, "unknown discard/write-zeroes flags");
-        }
-        if discard && flags & SEG_UNMAP != 0 {
-            return Outcome::err(S_UNSUPP, "unmap flag on discard");
-        }
-        if sectors > max_sectors {
-            return Outcome::err(
-                S_IOERR,
-                "discard/write-zeroes segment above the advertised maximum",
-            );
-        }
-        let Some(off) = sector.checked_mul(512) else {
-            return Outcome::err(S_IOERR, "request past capacity");
-        };
-        if ctx
-            .disk
-            .geometry()
-            .check_range(off, u64::from(sectors) * 512)
-            .is_err()
-        {
-            return Outcome::err(S_IOERR, "request past capacity");
-        }
-        segs.push((off, u64::from(sectors) * 512));
-    }
+    let segs = match parse::segments(dev, discard, payload) {
+        Ok(s) => s,
+        Err(refused) => return refused.into(),
+    };
     let io = ctx.disk.io();
-    for (off, n) in segs {
+    for s in segs {
         let r = if discard {
-            io.discard(off, n)
+            io.discard(s.offset, s.len)
         } else {
-            io.write_zeroes(off, n)
+            io.write_zeroes(s.offset, s.len)
         };
         if let Err(e) = r {
             return block_err(e);
