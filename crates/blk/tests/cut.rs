@@ -2,11 +2,14 @@
 //! (overwriting the same blocks) while the frozen generation is exported; each generation holds
 //! exactly the writes completed before its cut.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::Dev;
 use vsnap_blk::request::S_OK;
-use vsnap_blk::{serve, BlkBackend, BlkOptions, Stopper};
+use vsnap_blk::BlkOptions;
 use vsnap_block::{diff, Disk, DiskOptions, Job};
 use vsnap_frontend::blk::{self, place, segments, Bufs, Layout, Placed};
 use vsnap_frontend::{Frontend, Setup};
@@ -78,7 +81,8 @@ fn generations_hold_exactly_the_writes_completed_before_their_cut() {
     let mut o = DiskOptions::new(dir.path().join("state"));
     o.size = Some(SIZE);
     let disk = Arc::new(Disk::open(&o).unwrap());
-    let backend = Arc::new(BlkBackend::new(
+    let mut dev = Dev::serve_disk(
+        dir,
         disk.clone(),
         BlkOptions {
             num_queues: QUEUES as u16,
@@ -86,24 +90,12 @@ fn generations_hold_exactly_the_writes_completed_before_their_cut() {
             serial: "s".into(),
             logical_block_size: 512,
         },
-    ));
-    let sock = dir.path().join("blk.sock");
-    let stopper = Stopper::new();
-    let server = {
-        let (b, s, st) = (backend.clone(), sock.clone(), stopper.clone());
-        std::thread::spawn(move || serve(b, &s, &st).unwrap())
-    };
-    while !sock.exists() {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let mut fe = Frontend::connect(
-        &sock,
-        &Setup {
-            num_queues: QUEUES,
-            ..Setup::default()
-        },
-    )
-    .unwrap();
+    );
+    let mut fe = dev.frontend(&Setup {
+        num_queues: QUEUES,
+        ..Setup::default()
+    });
+    let dir = &dev.dir;
 
     let mut images = Vec::new();
     let mut diffs = Vec::new();
@@ -137,6 +129,5 @@ fn generations_hold_exactly_the_writes_completed_before_their_cut() {
     let info = disk.info();
     assert!(info.stats.discards >= 24 && info.stats.write_zeroes >= 24 && info.stats.flushes >= 24);
     drop(fe);
-    stopper.stop();
-    server.join().unwrap();
+    dev.stop().unwrap();
 }

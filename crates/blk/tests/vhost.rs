@@ -2,79 +2,40 @@
 //! type, odd descriptor layouts, indirect tables, EVENT_IDX on and off, several queues, bad input,
 //! config space, reconnects.
 
-use std::path::PathBuf;
+mod common;
+
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
+use common::{Dev, WAIT};
 use vsnap_blk::request::{S_IOERR, S_OK, S_UNSUPP};
-use vsnap_blk::{serve, BlkBackend, BlkOptions, Stopper};
+use vsnap_blk::BlkOptions;
 use vsnap_block::{Disk, DiskOptions};
 use vsnap_frontend::blk::{self, place, segments, Bufs, Layout, Placed};
 use vsnap_frontend::{Frontend, Setup, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
 
 const SIZE: u64 = 8 << 20;
-const WAIT: Duration = Duration::from_secs(10);
 
-struct Dev {
-    _dir: tempfile::TempDir,
-    sock: PathBuf,
-    disk: Arc<Disk>,
-    backend: Arc<BlkBackend>,
-    stopper: Stopper,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Dev {
-    fn start(readonly: bool, queues: u16) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let mut o = DiskOptions::new(dir.path().join("state"));
-        o.size = Some(SIZE);
-        if readonly {
-            Disk::open(&o).unwrap().close().unwrap();
-            o.readonly = true;
-        }
-        let disk = Arc::new(Disk::open(&o).unwrap());
-        let backend = Arc::new(BlkBackend::new(
-            disk.clone(),
-            BlkOptions {
-                num_queues: queues,
-                queue_size: 256,
-                serial: "vsnap-test-serial-0123456789".into(),
-                logical_block_size: 512,
-            },
-        ));
-        let sock = dir.path().join("blk.sock");
-        let stopper = Stopper::new();
-        let thread = {
-            let (b, s, st) = (backend.clone(), sock.clone(), stopper.clone());
-            std::thread::spawn(move || serve(b, &s, &st).unwrap())
-        };
-        while !sock.exists() {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        Dev {
-            _dir: dir,
-            sock,
-            disk,
-            backend,
-            stopper,
-            thread: Some(thread),
-        }
+/// A blank 8 MiB disk (made read-only after creation with `readonly`) on `queues` queues.
+fn start(readonly: bool, queues: u16) -> Dev {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = DiskOptions::new(dir.path().join("state"));
+    o.size = Some(SIZE);
+    if readonly {
+        Disk::open(&o).unwrap().close().unwrap();
+        o.readonly = true;
     }
-
-    fn connect(&self, setup: &Setup) -> Frontend {
-        Frontend::connect(&self.sock, setup).unwrap()
-    }
-}
-
-impl Drop for Dev {
-    fn drop(&mut self) {
-        self.stopper.stop();
-        if let Some(t) = self.thread.take() {
-            t.join().unwrap();
-        }
-    }
+    let disk = Arc::new(Disk::open(&o).unwrap());
+    Dev::serve_disk(
+        dir,
+        disk,
+        BlkOptions {
+            num_queues: queues,
+            queue_size: 256,
+            serial: "vsnap-test-serial-0123456789".into(),
+            logical_block_size: 512,
+        },
+    )
 }
 
 /// Submits one request on queue `q` and waits for it: (status, used length, device-written data).
@@ -117,9 +78,9 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 
 #[test]
 fn every_request_type_in_every_layout() {
-    let dev = Dev::start(false, 1);
+    let dev = start(false, 1);
     for event_idx in [true, false] {
-        let mut fe = dev.connect(&Setup {
+        let mut fe = dev.frontend(&Setup {
             event_idx,
             ..Setup::default()
         });
@@ -185,8 +146,8 @@ fn every_request_type_in_every_layout() {
 
 #[test]
 fn config_space_and_features() {
-    let dev = Dev::start(false, 4);
-    let mut fe = dev.connect(&Setup {
+    let dev = start(false, 4);
+    let mut fe = dev.frontend(&Setup {
         num_queues: 4,
         ..Setup::default()
     });
@@ -220,8 +181,8 @@ fn config_space_and_features() {
 
 #[test]
 fn multiqueue_requests_run_on_all_queues() {
-    let dev = Dev::start(false, 4);
-    let mut fe = dev.connect(&Setup {
+    let dev = start(false, 4);
+    let mut fe = dev.frontend(&Setup {
         num_queues: 4,
         ..Setup::default()
     });
@@ -269,8 +230,8 @@ fn multiqueue_requests_run_on_all_queues() {
 
 #[test]
 fn bad_requests_get_the_right_status_and_the_device_keeps_serving() {
-    let dev = Dev::start(false, 1);
-    let mut fe = dev.connect(&Setup::default());
+    let dev = start(false, 1);
+    let mut fe = dev.frontend(&Setup::default());
     let ok = |fe: &mut Frontend| {
         let (st, _, _) = run(fe, 0, blk::T_IN, 0, &[], 512, Layout::Simple, false);
         assert_eq!(st, S_OK, "device stopped serving");
@@ -476,8 +437,8 @@ fn bad_requests_get_the_right_status_and_the_device_keeps_serving() {
 
 #[test]
 fn read_only_disk_refuses_writes() {
-    let dev = Dev::start(true, 1);
-    let mut fe = dev.connect(&Setup::default());
+    let dev = start(true, 1);
+    let mut fe = dev.frontend(&Setup::default());
     assert!(fe.offered_features & (1 << 5) != 0, "RO offered");
     assert_eq!(
         run(
@@ -533,10 +494,10 @@ fn read_only_disk_refuses_writes() {
 
 #[test]
 fn reconnect_keeps_the_disk() {
-    let dev = Dev::start(false, 2);
+    let dev = start(false, 2);
     let data = pattern(4096, 77);
     {
-        let mut fe = dev.connect(&Setup {
+        let mut fe = dev.frontend(&Setup {
             num_queues: 2,
             ..Setup::default()
         });
@@ -547,7 +508,7 @@ fn reconnect_keeps_the_disk() {
         fe.stop_queue(1).unwrap();
     }
     for _ in 0..2 {
-        let mut fe = dev.connect(&Setup {
+        let mut fe = dev.frontend(&Setup {
             num_queues: 2,
             ..Setup::default()
         });
@@ -559,10 +520,10 @@ fn reconnect_keeps_the_disk() {
 
 #[test]
 fn a_corrupt_avail_index_stops_the_queue_not_the_daemon() {
-    let dev = Dev::start(false, 2);
+    let dev = start(false, 2);
     let data = pattern(4096, 5);
     {
-        let mut fe = dev.connect(&Setup {
+        let mut fe = dev.frontend(&Setup {
             num_queues: 2,
             ..Setup::default()
         });
@@ -588,7 +549,7 @@ fn a_corrupt_avail_index_stops_the_queue_not_the_daemon() {
             S_OK
         );
     }
-    let mut fe = dev.connect(&Setup {
+    let mut fe = dev.frontend(&Setup {
         num_queues: 2,
         ..Setup::default()
     });

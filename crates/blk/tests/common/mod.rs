@@ -27,20 +27,27 @@ pub struct Dev {
 }
 
 impl Dev {
+    /// A blank 64 MiB disk on `queues` queues.
     pub fn start(queues: u16) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut o = DiskOptions::new(dir.path().join("state"));
         o.size = Some(SIZE);
         let disk = Arc::new(Disk::open(&o).unwrap());
-        let backend = Arc::new(BlkBackend::new(
-            disk.clone(),
+        Self::serve_disk(
+            dir,
+            disk,
             BlkOptions {
                 num_queues: queues,
                 queue_size: 256,
                 serial: "vsnap-lifecycle".into(),
                 logical_block_size: 512,
             },
-        ));
+        )
+    }
+
+    /// Serves `disk` (whose files live in `dir`) on `dir/blk.sock` from a thread.
+    pub fn serve_disk(dir: tempfile::TempDir, disk: Arc<Disk>, opts: BlkOptions) -> Self {
+        let backend = Arc::new(BlkBackend::new(disk.clone(), opts));
         let sock = dir.path().join("blk.sock");
         let stopper = Stopper::new();
         let thread = {
@@ -56,6 +63,11 @@ impl Dev {
             stopper,
             thread: Some(thread),
         }
+    }
+
+    /// A frontend set up as `setup` says.
+    pub fn frontend(&self, setup: &Setup) -> Frontend {
+        Frontend::connect(&self.sock, setup).unwrap()
     }
 
     pub fn connect(&self, queues: usize) -> Frontend {
