@@ -53,6 +53,9 @@ pub struct FsArgs {
     /// guest user writes or truncates (the default; virtiofsd's default is off).
     #[arg(long, overrides_with = "no_killpriv_v2")]
     killpriv_v2: bool,
+    /// Serve the share read-only: every request that would change it gets EROFS.
+    #[arg(long)]
+    readonly: bool,
     /// Leave clearing setuid/setgid to the guest kernel.
     #[arg(long, overrides_with = "killpriv_v2")]
     no_killpriv_v2: bool,
@@ -235,6 +238,7 @@ pub fn run(a: FsArgs) -> anyhow::Result<()> {
             StoreArg::Fd => StoreMode::Fd,
         },
         killpriv_v2: !a.no_killpriv_v2,
+        readonly: a.readonly,
     };
     raise_nofile(a.rlimit_nofile, root)?;
     let inside = match sandbox.enter()? {

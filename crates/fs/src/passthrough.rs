@@ -69,6 +69,9 @@ pub struct FsConfig {
     /// truncations by unprivileged guest users (it may hold CAP_FSETID, so the host kernel
     /// would not).
     pub killpriv_v2: bool,
+    /// Serve the share read-only (virtiofsd's `--readonly`): every request that would change
+    /// it is refused with EROFS, whatever the host's permissions.
+    pub readonly: bool,
 }
 
 impl Default for FsConfig {
@@ -81,6 +84,7 @@ impl Default for FsConfig {
             allow_direct_io: false,
             inode_store: StoreMode::Workdir,
             killpriv_v2: true,
+            readonly: false,
         }
     }
 }

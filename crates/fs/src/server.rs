@@ -110,6 +110,9 @@ impl Server {
         let r = match (&req.op, self.minor.load(Ordering::SeqCst)) {
             (Op::Init(i), _) => self.init(i),
             (_, 0) => Err(Errno(libc::EIO)),
+            (op, _) if self.fs.config().readonly && changes_the_share(op) => {
+                Err(Errno(libc::EROFS))
+            }
             (op, _) => self.dispatch(&h, req.supp_group, op, &mut fault),
         };
         Handled {
@@ -145,7 +148,7 @@ impl Server {
             if cfg.readdirplus {
                 offer |= init::DO_READDIRPLUS | init::READDIRPLUS_AUTO;
             }
-            if cfg.writeback {
+            if cfg.writeback && !cfg.readonly {
                 offer |= init::WRITEBACK_CACHE;
             }
         }
@@ -247,6 +250,34 @@ impl Server {
                 Err(Errno(libc::ENOSYS))
             }
         }
+    }
+}
+
+/// Whether `op` would change the share (refused with EROFS under `--readonly`): every
+/// namespace and data change, and opens for writing or truncation.
+fn changes_the_share(op: &Op<'_>) -> bool {
+    let writes = |flags: u32| {
+        let f = flags as i32;
+        f & libc::O_ACCMODE != libc::O_RDONLY || f & libc::O_TRUNC != 0
+    };
+    match op {
+        Op::Setattr(_)
+        | Op::Symlink { .. }
+        | Op::Mknod { .. }
+        | Op::Mkdir { .. }
+        | Op::Unlink(_)
+        | Op::Rmdir(_)
+        | Op::Rename { .. }
+        | Op::Link { .. }
+        | Op::Create { .. }
+        | Op::Tmpfile(_)
+        | Op::Write { .. }
+        | Op::Fallocate(_)
+        | Op::CopyFileRange(_)
+        | Op::Setxattr { .. }
+        | Op::Removexattr(_) => true,
+        Op::Open(a) => writes(a.flags),
+        _ => false,
     }
 }
 

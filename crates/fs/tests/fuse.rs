@@ -711,3 +711,87 @@ fn creations_run_as_the_caller_with_only_the_group_the_guest_vouched_for() {
         -libc::EACCES
     );
 }
+
+#[test]
+fn a_readonly_share_refuses_every_change() {
+    let dev = Dev::start(FsConfig {
+        readonly: true,
+        xattr: true,
+        ..FsConfig::default()
+    });
+    let before = std::fs::read_dir(&dev.share).unwrap().count();
+    let mut f = dev.client();
+    let file = entry(&lookup(&mut f, ROOT, "file")).nodeid;
+    // Reading works.
+    let h = fh(&open(&mut f, file, libc::O_RDONLY));
+    assert_eq!(read(&mut f, file, h, 10).body, b"0123456789");
+    // Every change is EROFS.
+    for flags in [libc::O_WRONLY, libc::O_RDWR, libc::O_RDONLY | libc::O_TRUNC] {
+        assert_eq!(
+            open(&mut f, file, flags).error,
+            -libc::EROFS,
+            "open {flags:#x}"
+        );
+    }
+    let write = ReadIn {
+        fh: h,
+        size: 3,
+        ..ReadIn::default()
+    };
+    let erofs = [
+        f.call(WRITE, file, &[write.as_bytes(), b"abc"]),
+        create(&mut f, ROOT, "new"),
+        f.call(
+            MKDIR,
+            ROOT,
+            &[
+                MkdirIn {
+                    mode: 0o755,
+                    umask: 0,
+                }
+                .as_bytes(),
+                &name("d"),
+            ],
+        ),
+        f.call(UNLINK, ROOT, &[&name("file")]),
+        f.call(
+            RENAME,
+            ROOT,
+            &[
+                RenameIn { newdir: ROOT }.as_bytes(),
+                &name("file"),
+                &name("moved"),
+            ],
+        ),
+        f.call(
+            SETATTR,
+            file,
+            &[SetattrIn {
+                valid: fattr::SIZE,
+                ..SetattrIn::default()
+            }
+            .as_bytes()],
+        ),
+        f.call(
+            SETXATTR,
+            file,
+            &[
+                SetxattrIn {
+                    size: 1,
+                    ..SetxattrIn::default()
+                }
+                .as_bytes(),
+                &name("user.x"),
+                b"v",
+            ],
+        ),
+    ];
+    for (i, r) in erofs.iter().enumerate() {
+        assert_eq!(r.error, -libc::EROFS, "change {i}");
+    }
+    assert_eq!(
+        std::fs::read(dev.share.join("file")).unwrap(),
+        b"0123456789"
+    );
+    assert_eq!(std::fs::read_dir(&dev.share).unwrap().count(), before);
+}
