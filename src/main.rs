@@ -1,10 +1,7 @@
 //! vsnap: a vhost-user block device daemon with zero-aware snapshot diffs, and its tools.
 
-mod cmd;
-mod progress;
-mod size;
-
 use clap::{Parser, Subcommand};
+use vsnap::cmd;
 
 #[derive(Parser)]
 #[command(
@@ -36,14 +33,7 @@ enum Cmd {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    vsnap::init_logging("info");
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Blk(a) => cmd::blk::run(a),

@@ -23,6 +23,10 @@ pub struct FsArgs {
         conflicts_with = "fd"
     )]
     socket_path: Option<PathBuf>,
+    /// Give the socket to this group (a name or a number) with mode 0660, so that a VMM
+    /// running in it may connect.
+    #[arg(long, requires = "socket_path")]
+    socket_group: Option<String>,
     /// A listening vhost-user socket inherited as this fd (as libvirt passes it).
     #[arg(long)]
     fd: Option<i32>,
@@ -215,7 +219,11 @@ pub fn run(a: FsArgs) -> anyhow::Result<()> {
     // Bind before the sandbox hides the socket's directory.
     let (listener, socket_file) = match (&a.socket_path, a.fd) {
         (Some(p), _) => {
-            let (l, file) = vsnap_vhost::listen::bind_exclusive(p)?.into_parts();
+            let mut bound = vsnap_vhost::listen::bind_exclusive(p)?;
+            if let Some(g) = &a.socket_group {
+                bound.set_group(g)?;
+            }
+            let (l, file) = bound.into_parts();
             (l, Some(file))
         }
         // SAFETY: the caller handed us this fd as a listening socket.

@@ -3,6 +3,7 @@ pub mod ctl;
 pub mod diff;
 pub mod fs;
 pub mod image;
+pub mod virtiofsd;
 
 /// A stopper that SIGINT or SIGTERM triggers: the server finishes in-flight requests and returns.
 pub fn stop_on_signals() -> anyhow::Result<vsnap_vhost::Stopper> {

@@ -26,6 +26,8 @@ pub enum ListenError {
     BadFd { fd: RawFd, why: String },
     #[error("systemd socket activation: {0}")]
     Systemd(String),
+    #[error("socket group {group}: {why}")]
+    Group { group: String, why: String },
 }
 
 /// A socket file we created, identified so that it is removed only while it is still ours (a
@@ -76,6 +78,54 @@ impl Bound {
     pub fn into_parts(self) -> (UnixListener, SocketFile) {
         (self.listener, self.file)
     }
+
+    /// Gives the socket file to `group` (a name or a number) with mode 0660, so that a VMM
+    /// running in that group may connect (virtiofsd's `--socket-group`).
+    pub fn set_group(&mut self, group: &str) -> Result<(), ListenError> {
+        let err = |why: String| ListenError::Group {
+            group: group.to_string(),
+            why,
+        };
+        let gid = group_id(group).map_err(err)?;
+        let path = &self.file.path;
+        std::os::unix::fs::chown(path, None, Some(gid)).map_err(|e| err(e.to_string()))?;
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o660))
+            .map_err(|e| err(e.to_string()))?;
+        // Still ours: the change time moved, so the identity must follow it.
+        let m = std::fs::symlink_metadata(path).map_err(|e| err(e.to_string()))?;
+        self.file.id = file_id(&m);
+        Ok(())
+    }
+}
+
+/// The gid of a group name (or of a number, taken as it is).
+fn group_id(group: &str) -> Result<u32, String> {
+    if let Ok(gid) = group.parse() {
+        return Ok(gid);
+    }
+    let name = CString::new(group).map_err(|_| "a NUL in the name".to_string())?;
+    let mut buf = vec![0 as libc::c_char; 16 << 10];
+    let mut grp = std::mem::MaybeUninit::<libc::group>::zeroed();
+    let mut found = std::ptr::null_mut();
+    // SAFETY: valid C string, out structs and a buffer of the stated length; `found` points into
+    // `grp` (or is null) and is read before either goes away.
+    let r = unsafe {
+        libc::getgrnam_r(
+            name.as_ptr(),
+            grp.as_mut_ptr(),
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut found,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::from_raw_os_error(r).to_string());
+    }
+    if found.is_null() {
+        return Err("no such group".into());
+    }
+    // SAFETY: getgrnam_r filled grp (found == grp).
+    Ok(unsafe { grp.assume_init() }.gr_gid)
 }
 
 /// Binds a listening socket at `path`. A socket file left by a dead daemon (connecting to it is

@@ -3,6 +3,7 @@
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, IntoRawFd};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
@@ -132,4 +133,23 @@ fn systemd_socket_activation_passes_the_socket_as_fd_3() {
     c.read_to_end(&mut got).unwrap();
     assert!(child.wait().unwrap().success());
     assert_eq!(got, b"ok");
+}
+
+#[test]
+fn the_socket_group_gets_the_socket_and_it_is_still_ours_to_remove() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.sock");
+    let mut b = listen::bind_exclusive(&path).unwrap();
+    // SAFETY: plain syscall.
+    let gid = unsafe { libc::getegid() };
+    b.set_group(&gid.to_string()).unwrap();
+    let m = std::fs::metadata(&path).unwrap();
+    assert_eq!((m.gid(), m.mode() & 0o777), (gid, 0o660));
+    if gid == 0 {
+        b.set_group("root").unwrap();
+    }
+    assert!(b.set_group("no-such-group-vsnap").is_err());
+    let (_l, file) = b.into_parts();
+    file.remove();
+    assert!(!path.exists(), "the regrouped socket was not removed");
 }
