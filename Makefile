@@ -1,7 +1,13 @@
 # vsnap — see README.md.
 CARGO ?= cargo
+PREFIX ?= /usr/local
+DESTDIR ?=
+# The cargo profile `make install` builds and installs (release, or debug for tests).
+PROFILE ?= release
+# Where QEMU and libvirt look for vhost-user backend descriptors (docs/interop/vhost-user.json).
+VHOST_USER_DIR ?= /usr/share/qemu/vhost-user
 
-.PHONY: all build deps demo test unit guest lint fmt bench economy clean
+.PHONY: all build deps demo test unit guest lint fmt bench economy clean install
 
 all: build
 
@@ -16,8 +22,17 @@ demo:
 deps:
 	tests/guest/deps.sh
 
-# Everything CI runs: formatting, lints, unit/integration tests, real-guest tests.
+# Everything CI runs: formatting, lints, unit/integration tests, install, real-guest tests.
 test: deps lint unit guest
+	tests/install.sh
+
+# vsnap and vsnap-virtiofsd into PREFIX/bin, and the vhost-user descriptor naming the latter.
+install:
+	$(CARGO) build --bins $(if $(filter release,$(PROFILE)),--release)
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(VHOST_USER_DIR)
+	install -m 0755 target/$(PROFILE)/vsnap target/$(PROFILE)/vsnap-virtiofsd $(DESTDIR)$(PREFIX)/bin/
+	sed 's|@BINDIR@|$(PREFIX)/bin|' contrib/vhost-user/50-vsnap-fs.json.in \
+		> $(DESTDIR)$(VHOST_USER_DIR)/50-vsnap-fs.json
 
 unit:
 	$(CARGO) test --workspace --all-targets
