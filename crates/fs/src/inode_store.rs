@@ -28,7 +28,7 @@
 //!   generation) before it returns an existing node.
 
 use std::collections::HashMap;
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
@@ -158,6 +158,8 @@ pub struct InodeStore {
     dir_handles: Option<(OwnedFd, i32)>,
     workdir: OwnedFd,
     workdir_key: InodeKey,
+    /// The workdir's parent directory and its name there.
+    workdir_entry: (InodeKey, CString),
     /// Links only work within one mount: inodes of other mounts are held by fd.
     workdir_mnt: Option<u64>,
     inodes: RwLock<HashMap<u64, Arc<Inode>>>,
@@ -167,8 +169,9 @@ pub struct InodeStore {
 
 /// Opens the workdir at the absolute path `path`, creating it (0700) if absent. Refuses,
 /// before touching anything, whatever else is at that name: a symlink (not followed), a file, a
-/// directory owned by another user.
-pub fn open_workdir(path: &Path) -> Result<OwnedFd, StoreError> {
+/// directory owned by another user. Returns the workdir and where it stands: its parent
+/// directory's key and its name (the file system layer hides that name from the guest).
+pub fn open_workdir(path: &Path) -> Result<(OwnedFd, (InodeKey, CString)), StoreError> {
     let shown = || path.display().to_string();
     let err = |source| StoreError::Workdir {
         path: shown(),
@@ -221,7 +224,8 @@ pub fn open_workdir(path: &Path) -> Result<OwnedFd, StoreError> {
         // Ours, reached without following a link: closing it to everyone else is safe.
         sys::fchmod(dir.as_fd(), 0o700).map_err(err)?;
     }
-    Ok(dir)
+    let p = sys::fstat(parent.as_fd()).map_err(err)?;
+    Ok((dir, ((p.st_dev, p.st_ino), name_c)))
 }
 
 /// Removes every non-directory entry of the workdir (it only ever holds our links). Works on
@@ -265,7 +269,7 @@ impl InodeStore {
             source,
         };
         sys::init_proc()?;
-        let dir = open_workdir(workdir)?;
+        let (dir, workdir_entry) = open_workdir(workdir)?;
         let stale = empty_dir(&dir).map_err(err)?;
         if stale > 0 {
             tracing::warn!(workdir = %workdir.display(), links = stale, "removed links left by a previous run");
@@ -293,6 +297,7 @@ impl InodeStore {
             workdir_mnt: sys::mnt_id(dir.as_fd()),
             workdir: dir,
             workdir_key: (st.st_dev, st.st_ino),
+            workdir_entry,
             inodes: RwLock::new(HashMap::new()),
             by_key: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(ROOT_ID + 1),
@@ -331,6 +336,11 @@ impl InodeStore {
     /// The workdir's (st_dev, st_ino): the file system layer hides it from the guest.
     pub fn workdir_key(&self) -> InodeKey {
         self.workdir_key
+    }
+
+    /// The workdir's parent directory and the workdir's name in it.
+    pub fn workdir_entry(&self) -> (InodeKey, &CStr) {
+        (self.workdir_entry.0, &self.workdir_entry.1)
     }
 
     /// Looks `name` up in directory `parent` and counts one guest reference to the result.

@@ -23,7 +23,7 @@ use std::time::Duration;
 use zerocopy::IntoBytes;
 
 use crate::abi::*;
-use crate::inode_store::{Inode, InodeKey, InodeStore, StoreError, StoreMode, ROOT_ID};
+use crate::inode_store::{Inode, InodeStore, StoreError, StoreMode, ROOT_ID};
 use crate::sys::{self, Name};
 pub use crate::sys::{Errno, Res};
 
@@ -123,8 +123,6 @@ pub struct Passthrough {
     cfg: FsConfig,
     handles: RwLock<HashMap<u64, Arc<FileHandle>>>,
     next_fh: AtomicU64,
-    /// The workdir's parent directory and name, when the workdir lies inside the share.
-    hidden: Option<(InodeKey, CString)>,
     /// Running as root: creations take the caller's fsuid/fsgid (and groups).
     switch_creds: bool,
 }
@@ -220,22 +218,11 @@ impl Passthrough {
         let store = InodeStore::with_mode(workdir, root, cfg.inode_store)?;
         // Modes arrive with the guest's umask applied; ours must not mask them again.
         sys::umask(0);
-        let hidden = match (workdir.parent(), workdir.file_name()) {
-            (Some(parent), Some(name)) => std::fs::metadata(parent).ok().map(|m| {
-                use std::os::unix::fs::MetadataExt;
-                (
-                    (m.dev(), m.ino()),
-                    CString::new(name.as_encoded_bytes()).expect("checked by the store"),
-                )
-            }),
-            _ => None,
-        };
         Ok(Passthrough {
             store,
             cfg,
             handles: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
-            hidden,
             switch_creds: sys::geteuid() == 0,
         })
     }
@@ -317,10 +304,10 @@ impl Passthrough {
         fh
     }
 
+    /// Whether `name` in `parent` is the workdir (when it lies inside the share).
     fn is_hidden(&self, parent: &Inode, name: Name<'_>) -> bool {
-        self.hidden
-            .as_ref()
-            .is_some_and(|(k, n)| *k == parent.key && n.as_bytes() == name.as_bytes())
+        let (dir, workdir) = self.store.workdir_entry();
+        dir == parent.key && workdir.to_bytes() == name.as_bytes()
     }
 
     /// A name the guest may create, remove or rename in `parent`.

@@ -119,16 +119,8 @@ fn fd_name(fd: RawFd) -> CString {
 /// Opens the inode behind `fd` (an `O_PATH` fd) anew with `flags`, through its
 /// `/proc/self/fd` entry. The caller has checked the inode's type: this follows the magic link.
 pub fn reopen(fd: BorrowedFd<'_>, flags: libc::c_int) -> io::Result<OwnedFd> {
-    let name = fd_name(fd.as_raw_fd());
-    // SAFETY: valid dirfd and C string; the returned fd is taken over at once.
-    let r = unsafe {
-        libc::openat(
-            proc_dir().as_raw_fd(),
-            name.as_ptr(),
-            (flags | libc::O_CLOEXEC) & !libc::O_NOFOLLOW & !libc::O_CREAT,
-        )
-    };
-    cvt(r).map(owned)
+    let flags = flags & !libc::O_NOFOLLOW & !libc::O_CREAT;
+    openat_raw(proc_dir(), &fd_name(fd.as_raw_fd()), flags, 0)
 }
 
 /// How path-based calls (chmod, chown, utimens, access, link) reach an inode: its workdir link
@@ -234,10 +226,11 @@ pub fn open_abs(path: &CStr, flags: libc::c_int) -> io::Result<OwnedFd> {
     cvt(unsafe { libc::open(path.as_ptr(), flags | libc::O_CLOEXEC) }).map(owned)
 }
 
-/// `openat(dir, name, flags | O_NOFOLLOW | O_CLOEXEC, mode)`.
-pub fn openat(
+/// The one `openat` wrapper: `name` is a checked [`Name`], a constant of ours (`.`) or an
+/// fd number in `/proc/self/fd`.
+fn openat_raw(
     dir: BorrowedFd<'_>,
-    name: Name<'_>,
+    name: &CStr,
     flags: libc::c_int,
     mode: libc::mode_t,
 ) -> io::Result<OwnedFd> {
@@ -245,12 +238,22 @@ pub fn openat(
     cvt(unsafe {
         libc::openat(
             dir.as_raw_fd(),
-            name.0.as_ptr(),
-            flags | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            name.as_ptr(),
+            flags | libc::O_CLOEXEC,
             mode,
         )
     })
     .map(owned)
+}
+
+/// `openat(dir, name, flags | O_NOFOLLOW | O_CLOEXEC, mode)`.
+pub fn openat(
+    dir: BorrowedFd<'_>,
+    name: Name<'_>,
+    flags: libc::c_int,
+    mode: libc::mode_t,
+) -> io::Result<OwnedFd> {
+    openat_raw(dir, name.0, flags | libc::O_NOFOLLOW, mode)
 }
 
 /// An `O_PATH` fd for `name` in `dir`, not following a symlink: opens nothing, never blocks.
@@ -264,16 +267,7 @@ pub fn open_tmpfile(
     flags: libc::c_int,
     mode: libc::mode_t,
 ) -> io::Result<OwnedFd> {
-    // SAFETY: valid dirfd and C string; the returned fd is taken over at once.
-    cvt(unsafe {
-        libc::openat(
-            dir.as_raw_fd(),
-            c".".as_ptr(),
-            flags | libc::O_TMPFILE | libc::O_CLOEXEC,
-            mode,
-        )
-    })
-    .map(owned)
+    openat_raw(dir, c".", flags | libc::O_TMPFILE, mode)
 }
 
 // ---- attributes ---------------------------------------------------------------------------

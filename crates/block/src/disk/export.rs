@@ -124,10 +124,10 @@ impl Disk {
     ) -> Result<diff::DiffHeader> {
         let tracker = e.layer.tracker().clone();
         let source = LayerSource(&e.layer);
-        let Some(backing) = qcow2_backing else {
-            return Ok(write_diff(
-                path,
-                false,
+        let diff_to = |p: &Path, overwrite: bool| {
+            write_diff(
+                p,
+                overwrite,
                 self.geom,
                 e.generation,
                 e.id,
@@ -135,23 +135,15 @@ impl Disk {
                 &tracker,
                 &source,
                 job,
-            )?);
+            )
+        };
+        let Some(backing) = qcow2_backing else {
+            return Ok(diff_to(path, false)?);
         };
         // qcow2: through a temporary diff, which the converter streams and verifies.
         let tmp = AtomicFile::create(path, false).ctx(|| format!("create {}", path.display()))?;
         let tmp_diff = tmp.temp_path().with_extension("vsnapdiff");
-        let r = write_diff(
-            &tmp_diff,
-            true,
-            self.geom,
-            e.generation,
-            e.id,
-            e.parent,
-            &tracker,
-            &source,
-            job,
-        )
-        .and_then(|h| {
+        let r = diff_to(&tmp_diff, true).and_then(|h| {
             // A generation above the first lies on the one below, not on the base: `backing`
             // is the caller's image of that parent.
             diff::qcow2::to_qcow2_over(&tmp_diff, backing, ChainRoot::Foreign, path, false, job)
