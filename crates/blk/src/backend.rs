@@ -106,6 +106,9 @@ impl BlkBackend {
 
 impl Device for BlkBackend {
     const NAME: &'static str = "vsnap-blk";
+    // Each queue's chains are processed and completed one at a time on its worker thread, in
+    // ring order (`process` completes before it returns), and block requests may run twice.
+    const INFLIGHT: bool = true;
 
     fn num_queues(&self) -> usize {
         usize::from(self.opts.num_queues)

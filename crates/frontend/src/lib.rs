@@ -16,7 +16,7 @@ use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
 };
 use vhost::vhost_user::{Frontend as VuFrontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -293,8 +293,22 @@ impl Queue {
         self.next_avail
     }
 
+    /// The used index the device last published.
+    pub fn guest_used_idx(&self, mem: &GuestMem) -> u16 {
+        mem.mmap
+            .load(GuestAddress(self.used + 2), Ordering::Acquire)
+            .expect("used idx inside guest memory")
+    }
+
     /// Makes every chain added so far visible to the device and kicks it.
     pub fn publish(&self, mem: &GuestMem) {
+        self.publish_silently(mem);
+        let _ = self.kick.write(1);
+    }
+
+    /// Makes every chain added so far visible without kicking: a driver whose kick the
+    /// backend never saw (it was not running, or it died before reading it).
+    pub fn publish_silently(&self, mem: &GuestMem) {
         if self.event_idx {
             // used_event: interrupt us as soon as anything beyond what we have seen is used.
             let at = self.avail + 4 + 2 * u64::from(self.size);
@@ -308,15 +322,11 @@ impl Queue {
                 Ordering::Release,
             )
             .expect("avail idx inside guest memory");
-        let _ = self.kick.write(1);
     }
 
     /// Collects completions `(head, used len)` available now.
     pub fn poll_used(&mut self, mem: &GuestMem) -> Vec<(u16, u32)> {
-        let idx: u16 = mem
-            .mmap
-            .load(GuestAddress(self.used + 2), Ordering::Acquire)
-            .expect("used idx inside guest memory");
+        let idx = self.guest_used_idx(mem);
         let mut out = Vec::new();
         while self.last_used != idx {
             let slot = self.last_used % self.size;
@@ -365,6 +375,9 @@ pub struct Setup {
     pub mem_size: u64,
     pub event_idx: bool,
     pub indirect: bool,
+    /// Negotiate inflight tracking when offered, as QEMU and cloud-hypervisor do: one
+    /// `GET_INFLIGHT_FD`, then `SET_INFLIGHT_FD` with that region on every (re)connection.
+    pub inflight: bool,
 }
 
 impl Default for Setup {
@@ -375,98 +388,194 @@ impl Default for Setup {
             mem_size: 64 << 20,
             event_idx: true,
             indirect: true,
+            inflight: false,
         }
     }
 }
 
+/// Where a reconnecting frontend tells each queue to resume (`SET_VRING_BASE`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resume {
+    /// The guest's used index: what QEMU sends after losing its backend.
+    UsedIndex,
+    /// The guest's available index: what cloud-hypervisor sends.
+    AvailIndex,
+}
+
 pub struct Frontend {
-    fe: VuFrontend,
+    /// `None` between [`Frontend::disconnect`] and [`Frontend::reconnect`].
+    fe: Option<VuFrontend>,
     pub mem: GuestMem,
     pub queues: Vec<Queue>,
     pub offered_features: u64,
     pub acked_features: u64,
     pub protocol_features: VhostUserProtocolFeatures,
     pub queue_num: u64,
+    setup: Setup,
+    /// The inflight region the backend gave us, kept across reconnections as a VMM keeps it.
+    pub inflight: Option<(VhostUserInflight, File)>,
+}
+
+/// What a backend agreed to in the handshake.
+struct Agreed {
+    offered: u64,
+    acked: u64,
+    protocol: VhostUserProtocolFeatures,
+    queue_num: u64,
+}
+
+fn handshake(socket: &Path, setup: &Setup) -> Result<(VuFrontend, Agreed)> {
+    let mut fe = VuFrontend::connect(socket, setup.num_queues as u64)?;
+    fe.set_owner()?;
+    let offered = fe.get_features()?;
+    if offered & F_PROTOCOL_FEATURES == 0 {
+        return Err(Error::Protocol(
+            "backend offers no protocol features".into(),
+        ));
+    }
+    let pf = fe.get_protocol_features()?;
+    let mut wanted = VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+    if setup.inflight {
+        wanted |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+    }
+    let want = pf & wanted;
+    fe.set_protocol_features(want)?;
+    if want.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+        fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    }
+    let queue_num = if want.contains(VhostUserProtocolFeatures::MQ) {
+        fe.get_queue_num()?
+    } else {
+        1
+    };
+    if (setup.num_queues as u64) > queue_num {
+        return Err(Error::Protocol(format!(
+            "backend has {queue_num} queues, {} wanted",
+            setup.num_queues
+        )));
+    }
+    let mut acked = offered;
+    if !setup.event_idx {
+        acked &= !F_EVENT_IDX;
+    }
+    if !setup.indirect {
+        acked &= !F_INDIRECT;
+    }
+    fe.set_features(acked)?;
+    Ok((
+        fe,
+        Agreed {
+            offered,
+            acked,
+            protocol: want,
+            queue_num,
+        },
+    ))
 }
 
 impl Frontend {
     /// Connects and runs the setup sequence a VMM runs, acking every device feature offered
     /// (EVENT_IDX and INDIRECT_DESC as `setup` says).
     pub fn connect(socket: &Path, setup: &Setup) -> Result<Self> {
-        let mut fe = VuFrontend::connect(socket, setup.num_queues as u64)?;
-        fe.set_owner()?;
-        let offered = fe.get_features()?;
-        if offered & F_PROTOCOL_FEATURES == 0 {
+        let (fe, agreed) = handshake(socket, setup)?;
+        let mem = GuestMem::new(setup.mem_size)?;
+        let event_idx = agreed.acked & F_EVENT_IDX != 0;
+        let queues = (0..setup.num_queues)
+            .map(|i| Queue::new(&mem, i, setup.queue_size, event_idx))
+            .collect::<Result<Vec<_>>>()?;
+        let mut f = Self {
+            fe: Some(fe),
+            mem,
+            queues,
+            offered_features: agreed.offered,
+            acked_features: agreed.acked,
+            protocol_features: agreed.protocol,
+            queue_num: agreed.queue_num,
+            setup: setup.clone(),
+            inflight: None,
+        };
+        f.start_queues(Resume::UsedIndex)?;
+        Ok(f)
+    }
+
+    /// Connects again, as a VMM does after its backend went away (restarted, upgraded or
+    /// killed): the same guest memory, rings and inflight region, each queue resuming as
+    /// `resume` says. The new connection must agree to the same features.
+    pub fn reconnect(&mut self, socket: &Path, resume: Resume) -> Result<()> {
+        let (fe, agreed) = handshake(socket, &self.setup)?;
+        if agreed.acked != self.acked_features || agreed.protocol != self.protocol_features {
             return Err(Error::Protocol(
-                "backend offers no protocol features".into(),
+                "the backend offers other features than before".into(),
             ));
         }
-        let pf = fe.get_protocol_features()?;
-        let want = pf
-            & (VhostUserProtocolFeatures::CONFIG
-                | VhostUserProtocolFeatures::MQ
-                | VhostUserProtocolFeatures::REPLY_ACK
-                | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS);
-        fe.set_protocol_features(want)?;
-        if want.contains(VhostUserProtocolFeatures::REPLY_ACK) {
-            fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        self.fe = Some(fe);
+        self.start_queues(resume)
+    }
+
+    /// Closes the connection and keeps the guest: memory, rings and the inflight region.
+    pub fn disconnect(&mut self) {
+        self.fe = None;
+    }
+
+    fn fe(&mut self) -> Result<&mut VuFrontend> {
+        self.fe
+            .as_mut()
+            .ok_or_else(|| Error::Protocol("not connected".into()))
+    }
+
+    /// Memory, the inflight region and every queue, in the order QEMU sends them.
+    fn start_queues(&mut self, resume: Resume) -> Result<()> {
+        let region = self.mem.region_info()?;
+        self.fe()?.set_mem_table(&[region])?;
+        if self
+            .protocol_features
+            .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+        {
+            if self.inflight.is_none() {
+                let want =
+                    VhostUserInflight::new(0, 0, self.queues.len() as u16, self.setup.queue_size);
+                self.inflight = Some(self.fe()?.get_inflight_fd(&want)?);
+            }
+            if let (Some(fe), Some((info, file))) = (self.fe.as_mut(), &self.inflight) {
+                fe.set_inflight_fd(info, file.as_raw_fd())?;
+            }
         }
-        let queue_num = if want.contains(VhostUserProtocolFeatures::MQ) {
-            fe.get_queue_num()?
-        } else {
-            1
-        };
-        if (setup.num_queues as u64) > queue_num {
-            return Err(Error::Protocol(format!(
-                "backend has {queue_num} queues, {} wanted",
-                setup.num_queues
-            )));
-        }
-        let mut acked = offered;
-        if !setup.event_idx {
-            acked &= !F_EVENT_IDX;
-        }
-        if !setup.indirect {
-            acked &= !F_INDIRECT;
-        }
-        fe.set_features(acked)?;
-        let mem = GuestMem::new(setup.mem_size)?;
-        fe.set_mem_table(&[mem.region_info()?])?;
-        let mut queues = Vec::new();
-        for i in 0..setup.num_queues {
-            let q = Queue::new(&mem, i, setup.queue_size, acked & F_EVENT_IDX != 0)?;
+        let fe = self
+            .fe
+            .as_mut()
+            .ok_or_else(|| Error::Protocol("not connected".into()))?;
+        for q in &self.queues {
+            let i = q.index;
+            let base = match resume {
+                Resume::UsedIndex => q.guest_used_idx(&self.mem),
+                Resume::AvailIndex => q.next_avail,
+            };
             fe.set_vring_num(i, q.size)?;
-            fe.set_vring_base(i, 0)?;
+            fe.set_vring_base(i, base)?;
             fe.set_vring_addr(
                 i,
                 &VringConfigData {
                     queue_max_size: q.size,
                     queue_size: q.size,
                     flags: 0,
-                    desc_table_addr: mem.host(q.desc),
-                    used_ring_addr: mem.host(q.used),
-                    avail_ring_addr: mem.host(q.avail),
+                    desc_table_addr: self.mem.host(q.desc),
+                    used_ring_addr: self.mem.host(q.used),
+                    avail_ring_addr: self.mem.host(q.avail),
                     log_addr: None,
                 },
             )?;
             fe.set_vring_call(i, &q.call)?;
             fe.set_vring_kick(i, &q.kick)?;
             fe.set_vring_enable(i, true)?;
-            queues.push(q);
         }
-        Ok(Self {
-            fe,
-            mem,
-            queues,
-            offered_features: offered,
-            acked_features: acked,
-            protocol_features: want,
-            queue_num,
-        })
+        Ok(())
     }
 
     pub fn get_config(&mut self, offset: u32, size: u32) -> Result<Vec<u8>> {
-        let (_, cfg) = self.fe.get_config(
+        let (_, cfg) = self.fe()?.get_config(
             offset,
             size,
             VhostUserConfigFlags::WRITABLE,
@@ -477,12 +586,12 @@ impl Frontend {
 
     pub fn set_config(&mut self, offset: u32, buf: &[u8]) -> Result<()> {
         Ok(self
-            .fe
+            .fe()?
             .set_config(offset, VhostUserConfigFlags::WRITABLE, buf)?)
     }
 
     /// Stops queue `i` (GET_VRING_BASE) and returns the device's next avail index.
     pub fn stop_queue(&mut self, i: usize) -> Result<u32> {
-        Ok(self.fe.get_vring_base(i)?)
+        Ok(self.fe()?.get_vring_base(i)?)
     }
 }

@@ -21,8 +21,9 @@
 //! | 14 | `used_idx: u16` | used index after the last completed batch |
 //! | 16 + 16 i | `desc[i]`: `inflight: u8`, pad `[u8; 5]`, `next: u16`, `counter: u64` | by head index |
 //!
-//! Not wired to the protocol yet: vhost-user-backend 0.24 answers `GET_INFLIGHT_FD` and
-//! `SET_INFLIGHT_FD` with an error and offers no hook to override them (docs/lifecycle.md).
+//! vhost-user-backend 0.24 answers `GET_INFLIGHT_FD` and `SET_INFLIGHT_FD` with an error and
+//! offers no hook for them, so [`crate::interpose`] answers them in its place; the shell marks
+//! and completes heads and runs the recovery (docs/lifecycle.md).
 
 use std::fs::File;
 use std::io;
@@ -59,6 +60,13 @@ pub enum InflightError {
     },
     #[error("zero queues or a zero queue size")]
     Empty,
+    #[error("{num_queues} queues of {queue_size} exceed the device's {max_queues} of {max_size}")]
+    Exceeds {
+        num_queues: u16,
+        queue_size: u16,
+        max_queues: usize,
+        max_size: usize,
+    },
     #[error("queue {0} is outside the region")]
     NoQueue(u16),
     #[error("descriptor head {head} outside a queue of {size}")]
@@ -76,7 +84,7 @@ pub fn stride(queue_size: u16) -> u64 {
 }
 
 /// The `VhostUserInflight` message body.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Info {
     pub mmap_size: u64,
     pub mmap_offset: u64,
@@ -180,6 +188,9 @@ impl Region {
 /// What to do when a queue starts on a region that may hold requests of an earlier daemon.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Recovery {
+    /// The region was fresh (first start, or the VM was reset): nothing was in flight, and the
+    /// frontend's `SET_VRING_BASE` stands.
+    pub fresh: bool,
     /// Heads to process again before reading the available ring, oldest first.
     pub resubmit: Vec<u16>,
     /// Where the available ring resumes (`set_next_avail`): after the resubmitted heads.
@@ -278,6 +289,7 @@ impl QueueRegion<'_> {
             self.store16(OFF_USED_IDX, guest_used_idx)?;
             self.store16(OFF_VERSION, VERSION)?;
             return Ok(Recovery {
+                fresh: true,
                 resubmit: Vec::new(),
                 next_avail: guest_used_idx,
                 next_used: guest_used_idx,
@@ -309,6 +321,7 @@ impl QueueRegion<'_> {
         live.sort_unstable();
         let next_counter = live.last().map_or(0, |&(c, _)| c.wrapping_add(1));
         Ok(Recovery {
+            fresh: false,
             next_avail: guest_used_idx.wrapping_add(live.len() as u16),
             next_used: guest_used_idx,
             resubmit: live.into_iter().map(|(_, h)| h).collect(),
@@ -368,7 +381,8 @@ mod tests {
     fn a_restarted_daemon_resubmits_what_was_in_flight_oldest_first() {
         let first = Region::create(1, 16).unwrap();
         let q = first.queue(0).unwrap();
-        assert_eq!(q.recover(0).unwrap().resubmit, Vec::<u16>::new());
+        let fresh = q.recover(0).unwrap();
+        assert!(fresh.fresh && fresh.resubmit.is_empty());
         // Popped in this order: 9, 2, 14, 5; 2 completes (used idx 0 -> 1).
         for (counter, head) in [(0, 9), (1, 2), (2, 14), (3, 5)] {
             q.mark(head, counter).unwrap();
@@ -382,6 +396,7 @@ mod tests {
         let second = Region::open(fd, info).unwrap();
         let rec = second.queue(0).unwrap().recover(1).unwrap();
         assert_eq!(rec.resubmit, vec![9, 14, 5]);
+        assert!(!rec.fresh);
         assert_eq!((rec.next_avail, rec.next_used, rec.next_counter), (4, 1, 4));
     }
 

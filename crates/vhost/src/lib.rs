@@ -10,11 +10,13 @@
 //!   copies between them and host buffers, without assuming any layout;
 //! - [`queue`]: reading the available ring; a corrupt one stops its queue;
 //! - [`faults`]: guest-caused faults, counted by kind and logged once each;
-//! - [`inflight`]: the vhost-user inflight region (`VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`).
+//! - [`inflight`]: the vhost-user inflight region (`VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`);
+//! - [`interpose`]: answers the inflight messages the framework cannot, and forwards the rest.
 
 pub mod chain;
 pub mod faults;
 pub mod inflight;
+pub mod interpose;
 pub mod listen;
 pub mod queue;
 pub mod server;

@@ -18,6 +18,7 @@ use vhost::vhost_user::{Error as VuError, Listener};
 use vhost_user_backend::{Error as DaemonError, ShutdownHandle, VhostUserBackend, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
+use crate::interpose::{Interposer, Private};
 use crate::listen::{self, ListenError};
 use crate::shell::{Device, Queues, Shell};
 
@@ -29,6 +30,8 @@ pub enum ServeError {
     Daemon(DaemonError),
     #[error("device setup: {0}")]
     Setup(std::io::Error),
+    #[error("accepting a frontend: {0}")]
+    Accept(std::io::Error),
 }
 
 /// How long a stop waits for requests in flight before closing the socket anyway; short enough
@@ -124,13 +127,19 @@ pub fn serve_listener<D: Device>(
         .listener
         .lock()
         .unwrap_or_else(PoisonError::into_inner) = Some(listener.as_raw_fd());
-    let mut listener = Listener::from(listener);
+    // Devices with inflight tracking are served through the interposer, which answers what
+    // the framework cannot (crate::interpose).
+    let private = if D::INFLIGHT {
+        Some(Private::new().map_err(ServeError::Setup)?)
+    } else {
+        None
+    };
     tracing::info!(device = D::NAME, socket = ?socket, queues = shell.num_queues(), "listening");
     let r = loop {
         if stopper.is_stopped() {
             break Ok(());
         }
-        match serve_one(&shell, &mut listener, stopper) {
+        match serve_one(&shell, &listener, private.as_ref(), stopper) {
             Ok(()) => {}
             Err(e) if stopper.is_stopped() => {
                 tracing::debug!(error = %e, "accept ended by the stop");
@@ -148,24 +157,56 @@ pub fn serve_listener<D: Device>(
     r
 }
 
+/// Connects the next frontend to `daemon`: directly, or through the interposer (whose threads
+/// are returned).
+fn accept<D: Device>(
+    shell: &Arc<Shell<D>>,
+    listener: &UnixListener,
+    private: Option<&Private>,
+    daemon: &mut VhostUserDaemon<Arc<Shell<D>>>,
+) -> Result<Option<Interposer>, ServeError> {
+    let Some(private) = private else {
+        let mut l = Listener::from(listener.try_clone().map_err(ServeError::Accept)?);
+        return daemon
+            .start(&mut l)
+            .map(|()| None)
+            .map_err(ServeError::Daemon);
+    };
+    let (vmm, _) = listener.accept().map_err(ServeError::Accept)?;
+    let path = private.path().to_str().ok_or_else(|| {
+        ServeError::Setup(std::io::Error::other("private socket path is not UTF-8"))
+    })?;
+    daemon.start_client(path).map_err(ServeError::Daemon)?;
+    let inner = private.accept_own().map_err(ServeError::Accept)?;
+    Interposer::spawn(vmm, inner, shell.clone())
+        .map(Some)
+        .map_err(ServeError::Setup)
+}
+
 /// Accepts one frontend and serves it until it leaves or the stopper stops it.
 fn serve_one<D: Device>(
     shell: &Arc<Shell<D>>,
-    listener: &mut Listener,
+    listener: &UnixListener,
+    private: Option<&Private>,
     stopper: &Stopper,
 ) -> Result<(), ServeError> {
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
     let mut daemon =
         VhostUserDaemon::new(D::NAME.into(), shell.clone(), mem).map_err(ServeError::Daemon)?;
-    if let Err(e) = daemon.start(listener) {
-        // The framework's threads exit when the daemon drops; nothing was connected.
-        for h in daemon.get_epoll_handlers() {
-            h.send_exit_event();
+    let interposer = match accept(shell, listener, private, &mut daemon) {
+        Ok(i) => i,
+        Err(e) => {
+            // The framework's threads exit when the daemon drops; nothing was connected.
+            daemon.request_shutdown();
+            let _ = daemon.wait();
+            for h in daemon.get_epoll_handlers() {
+                h.send_exit_event();
+            }
+            drop(daemon);
+            shell.end_connection();
+            return Err(e);
         }
-        drop(daemon);
-        shell.end_connection();
-        return Err(ServeError::Daemon(e));
-    }
+    };
     {
         let mut conn = stopper
             .0
@@ -185,6 +226,9 @@ fn serve_one<D: Device>(
         }
     }
     let r = daemon.wait();
+    if let Some(i) = interposer {
+        i.join();
+    }
     *stopper
         .0
         .connection

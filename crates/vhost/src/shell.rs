@@ -11,21 +11,29 @@
 //! device took. A frontend that then restarts from the used index (QEMU after a disconnect)
 //! loses nothing and sees nothing twice.
 
+use std::fs::File;
 use std::io;
+use std::num::Wrapping;
 use std::os::fd::{AsRawFd, FromRawFd};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard,
+    GuestMemoryMmap,
+};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
 use crate::faults::Faults;
+use crate::inflight::{InflightError, Info, Region};
+use crate::interpose::Intercept;
 use crate::queue::{self, Chain, Ring};
 
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;
@@ -42,6 +50,13 @@ pub type GuestMem = GuestMemoryLoadGuard<GuestMemoryMmap>;
 pub trait Device: Send + Sync + 'static {
     /// The daemon's name in the vhost-user framework and in logs.
     const NAME: &'static str;
+    /// Offer inflight tracking (`VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`). Only for a device that
+    /// completes each queue's chains in the order it took them, each before taking the next,
+    /// and whose requests may run twice (block I/O is idempotent; FUSE requests are not, which
+    /// is why no virtio-fs daemon offers it). Then the chains a dead daemon took and never
+    /// completed are exactly those the available ring holds from the guest's used index on,
+    /// and reading the ring again from there resubmits them, oldest first.
+    const INFLIGHT: bool = false;
 
     fn num_queues(&self) -> usize;
     fn max_queue_size(&self) -> usize;
@@ -86,6 +101,10 @@ struct QueueCtl {
     /// generation must not touch rings that now belong to the next frontend. Completions take
     /// the read side, so bumping it waits for one that is writing the used ring.
     generation: RwLock<u64>,
+    /// An inflight region was handed over: when the queue starts, resume from it.
+    recover: AtomicBool,
+    /// The fetch order given to the next head marked in the inflight region.
+    counter: AtomicU64,
 }
 
 /// The shared part of the shell: what [`Completion`]s and the stopper reach.
@@ -167,6 +186,8 @@ pub struct Completion {
     queue: u16,
     generation: u64,
     queues: Arc<Queues>,
+    /// The inflight region the head is marked in.
+    inflight: Option<Arc<Region>>,
     done: bool,
 }
 
@@ -192,8 +213,28 @@ impl Completion {
         if *g != self.generation {
             return;
         }
-        if let Err(e) = self.vring.add_used(self.head, len) {
-            tracing::warn!(error = %e, "completing a request");
+        let tracked = self
+            .inflight
+            .as_ref()
+            .and_then(|r| r.queue(self.queue).ok());
+        // The head stays marked until the guest can see its used entry; a crash in between is
+        // repaired at recovery from the last-batch head.
+        if let Some(q) = &tracked {
+            let _ = q.begin_complete(self.head);
+        }
+        let used = {
+            let mut state = self.vring.get_mut();
+            state
+                .add_used(self.head, len)
+                .map(|()| state.get_queue().next_used())
+        };
+        match used {
+            Ok(used) => {
+                if let Some(q) = &tracked {
+                    let _ = q.end_complete(self.head, used);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "completing a request"),
         }
         ctl.inflight.fetch_sub(1, Ordering::SeqCst);
         // Marked before looking, so a drain that ends after our look still sees the mark.
@@ -240,6 +281,8 @@ struct ExitEvent {
 pub struct Shell<D: Device> {
     dev: Arc<D>,
     mem: RwLock<Option<Mem>>,
+    /// The frontend's inflight region (`SET_INFLIGHT_FD`), for this connection.
+    inflight: RwLock<Option<Arc<Region>>>,
     event_idx: AtomicBool,
     queues: Arc<Queues>,
     exits: Vec<ExitEvent>,
@@ -260,6 +303,7 @@ impl<D: Device> Shell<D> {
         Ok(Shell {
             dev,
             mem: RwLock::new(None),
+            inflight: RwLock::new(None),
             event_idx: AtomicBool::new(false),
             queues: Arc::new(Queues::new(n)),
             exits,
@@ -292,6 +336,10 @@ impl<D: Device> Shell<D> {
     /// The frontend is gone and the framework's threads have exited: forget the connection.
     pub(crate) fn end_connection(&self) {
         *self.mem.write().unwrap_or_else(PoisonError::into_inner) = None;
+        *self
+            .inflight
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = None;
         self.event_idx.store(false, Ordering::Relaxed);
         // The exit events are reused: clear what this connection's exit left in them.
         for e in &self.exits {
@@ -340,6 +388,11 @@ impl<D: Device> Shell<D> {
         let stopping = || self.queues.stopping.load(Ordering::SeqCst);
         loop {
             let guest = mem.memory();
+            if ctl.recover.load(Ordering::SeqCst) {
+                self.recover(index, ctl, vring, &guest);
+            }
+            let region = self.region();
+            let tracked = region.as_ref().and_then(|r| r.queue(index).ok());
             match queue::ring_usable(vring, &guest) {
                 Ring::Usable => {}
                 Ring::NotReady => return Ok(()),
@@ -360,12 +413,17 @@ impl<D: Device> Shell<D> {
                     .read()
                     .unwrap_or_else(PoisonError::into_inner);
                 ctl.inflight.fetch_add(1, Ordering::SeqCst);
+                let head = chain.head_index();
+                if let Some(q) = &tracked {
+                    let _ = q.mark(head, ctl.counter.fetch_add(1, Ordering::SeqCst));
+                }
                 let done = Completion {
                     vring: vring.clone(),
-                    head: chain.head_index(),
+                    head,
                     queue: index,
                     generation,
                     queues: self.queues.clone(),
+                    inflight: region.clone(),
                     done: false,
                 };
                 self.dev.process(index, &guest, chain, done);
@@ -379,6 +437,172 @@ impl<D: Device> Shell<D> {
                 return Ok(());
             }
         }
+    }
+}
+
+/// Where a queue starting on a region that is not fresh resumes.
+struct Resume {
+    next_avail: u16,
+    next_used: u16,
+    /// The next fetch counter.
+    counter: u64,
+    /// Requests in flight that cannot be resubmitted (a foreign, out-of-order region).
+    lost: usize,
+}
+
+fn resume_point(
+    region: &Region,
+    index: u16,
+    q: &Queue,
+    guest: &GuestMemoryMmap,
+) -> Result<Option<Resume>, String> {
+    let info = region.info();
+    if q.size() > info.queue_size {
+        return Err(format!(
+            "the region is for queues of {}, the ring has {}",
+            info.queue_size,
+            q.size()
+        ));
+    }
+    let used = q
+        .used_idx(guest, Ordering::Acquire)
+        .map_err(|e| e.to_string())?
+        .0;
+    let rec = region
+        .queue(index)
+        .and_then(|r| r.recover(used))
+        .map_err(|e| e.to_string())?;
+    if rec.fresh {
+        return Ok(None);
+    }
+    // Taken in ring order and completed in that order (Device::INFLIGHT): the marked heads
+    // are the ring's entries from the used index on, and reading the ring again from there
+    // resubmits them, oldest first.
+    let avail_head = |pos: Wrapping<u16>| -> Option<u16> {
+        let at = q.avail_ring() + 4 + 2 * u64::from(pos.0 % q.size());
+        guest
+            .read_obj::<u16>(GuestAddress(at))
+            .ok()
+            .map(u16::from_le)
+    };
+    let in_order = rec
+        .resubmit
+        .iter()
+        .enumerate()
+        .all(|(k, &h)| avail_head(Wrapping(used) + Wrapping(k as u16)) == Some(h));
+    if !in_order {
+        // Written by a backend that completes out of order: its heads cannot be replayed from
+        // the ring. Resume after them (libvhost-user's rule) so that nothing else is lost.
+        return Ok(Some(Resume {
+            next_avail: rec.next_avail,
+            next_used: rec.next_used,
+            counter: rec.next_counter,
+            lost: rec.resubmit.len(),
+        }));
+    }
+    if !rec.resubmit.is_empty() {
+        tracing::info!(
+            queue = index,
+            requests = rec.resubmit.len(),
+            "resubmitting requests an earlier daemon left in flight"
+        );
+    }
+    Ok(Some(Resume {
+        next_avail: used,
+        next_used: rec.next_used,
+        counter: rec.next_counter,
+        lost: 0,
+    }))
+}
+
+impl<D: Device> Shell<D> {
+    fn region(&self) -> Option<Arc<Region>> {
+        self.inflight
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The queue starts on an inflight region: resume where the requests the guest has not
+    /// seen completed begin, whatever `SET_VRING_BASE` said (cloud-hypervisor sends the
+    /// guest's available index, which skips them).
+    fn recover(&self, index: u16, ctl: &QueueCtl, vring: &VringRwLock, guest: &GuestMemoryMmap) {
+        let Some(region) = self.region() else {
+            ctl.recover.store(false, Ordering::SeqCst);
+            return;
+        };
+        let mut state = vring.get_mut();
+        let q = state.get_queue_mut();
+        if !q.ready() {
+            return;
+        }
+        ctl.recover.store(false, Ordering::SeqCst);
+        match resume_point(&region, index, q, guest) {
+            Ok(Some(r)) => {
+                q.set_next_avail(r.next_avail);
+                q.set_next_used(r.next_used);
+                ctl.counter.store(r.counter, Ordering::SeqCst);
+                if r.lost > 0 {
+                    self.dev
+                        .faults()
+                        .record("inflight region taken out of order: requests not resubmitted");
+                    tracing::error!(
+                        queue = index,
+                        requests = r.lost,
+                        "requests another backend left in flight out of ring order cannot be \
+                         resubmitted"
+                    );
+                }
+            }
+            Ok(None) => {}
+            Err(why) => {
+                self.dev
+                    .faults()
+                    .record("inflight region unusable (tracking off)");
+                tracing::error!(queue = index, why, "inflight region: tracking off");
+                *self
+                    .inflight
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner) = None;
+            }
+        }
+    }
+}
+
+impl<D: Device> Intercept for Shell<D> {
+    fn get_inflight_fd(&self, want: Info) -> Result<(Info, File), InflightError> {
+        let (max_queues, max_size) = (self.dev.num_queues(), self.dev.max_queue_size());
+        if usize::from(want.num_queues) > max_queues || usize::from(want.queue_size) > max_size {
+            return Err(InflightError::Exceeds {
+                num_queues: want.num_queues,
+                queue_size: want.queue_size,
+                max_queues,
+                max_size,
+            });
+        }
+        let region = Region::create(want.num_queues, want.queue_size)?;
+        Ok((region.info(), region.file().try_clone()?))
+    }
+
+    fn set_inflight_fd(&self, info: Info, file: File) -> Result<(), InflightError> {
+        let region = Region::open(file, info)?;
+        tracing::info!(
+            queues = info.num_queues,
+            queue_size = info.queue_size,
+            "requests tracked in the frontend's inflight region"
+        );
+        *self
+            .inflight
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(region));
+        for q in &self.queues.queues {
+            q.recover.store(true, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    fn tracking(&self) -> bool {
+        self.region().is_some()
     }
 }
 
@@ -407,7 +631,12 @@ impl<D: Device> VhostUserBackend for Shell<D> {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        self.dev.protocol_features()
+        let inflight = if D::INFLIGHT {
+            VhostUserProtocolFeatures::INFLIGHT_SHMFD
+        } else {
+            VhostUserProtocolFeatures::empty()
+        };
+        self.dev.protocol_features() | inflight
     }
 
     fn set_event_idx(&self, enabled: bool) {
