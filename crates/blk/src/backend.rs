@@ -22,10 +22,18 @@ use crate::request::{self, Chain, Ctx};
 #[derive(Clone, Debug)]
 pub struct BlkOptions {
     pub num_queues: u16,
+    /// The ring size the VMM sets (QEMU's `queue-size`, cloud-hypervisor's `queue_size`; 128 by
+    /// default in both). `seg_max` is derived from it: the VMM reads the config space before it
+    /// sizes any ring, and a request may not take more descriptors than its ring holds (virtio
+    /// 1.3 §2.7.5.3.1). Larger rings are accepted, up to [`MAX_QUEUE_SIZE`]; a smaller one is
+    /// warned about when it starts.
     pub queue_size: u16,
     pub serial: String,
     pub logical_block_size: u32,
 }
+
+/// The largest split ring (virtio 1.3 §2.7).
+pub const MAX_QUEUE_SIZE: u16 = 32768;
 
 pub struct BlkBackend {
     disk: Arc<Disk>,
@@ -47,6 +55,8 @@ pub struct BlkBackend {
     pub dropped_chains: AtomicU64,
     /// True while a frontend is connected (kept by the shell).
     pub connected: AtomicBool,
+    /// A ring too small for `seg_max` was reported (once per daemon).
+    small_ring_reported: AtomicBool,
 }
 
 impl BlkBackend {
@@ -63,6 +73,7 @@ impl BlkBackend {
             faults: Faults::default(),
             dropped_chains: AtomicU64::new(0),
             connected: AtomicBool::new(false),
+            small_ring_reported: AtomicBool::new(false),
         }
     }
 
@@ -115,7 +126,20 @@ impl Device for BlkBackend {
     }
 
     fn max_queue_size(&self) -> usize {
-        usize::from(self.opts.queue_size)
+        usize::from(MAX_QUEUE_SIZE.max(self.opts.queue_size))
+    }
+
+    fn queue_started(&self, queue: u16, ring_size: u16) {
+        let need = self.limits.seg_max + 2;
+        if u32::from(ring_size) < need && !self.small_ring_reported.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                queue,
+                ring_size,
+                seg_max = self.limits.seg_max,
+                "the VMM's ring is smaller than the seg_max + 2 descriptors the config space \
+                 promised the guest: run vsnap blk with --queue-size {ring_size}"
+            );
+        }
     }
 
     fn features(&self) -> u64 {

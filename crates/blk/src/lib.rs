@@ -13,6 +13,6 @@ pub mod config;
 pub mod parse;
 pub mod request;
 
-pub use backend::{BlkBackend, BlkOptions};
+pub use backend::{BlkBackend, BlkOptions, MAX_QUEUE_SIZE};
 pub use cache_mode::CacheModeFile;
 pub use vsnap_vhost::{serve, ServeError, Stopper};

@@ -179,6 +179,44 @@ fn config_space_and_features() {
     assert_eq!(f & (1 << 5), 0, "RO not offered on a writable disk");
 }
 
+/// cloud-hypervisor reads `size_of::<VirtioBlockConfig>()` = 60 bytes at offset 0 once, when
+/// the device is created and before any ring is sized, keeps it, overrides `num_queues`, and
+/// writes only the writeback byte. `seg_max` must fit the ring the VMM will set (the daemon's
+/// queue size, 256 here), and a VMM may still set a larger ring.
+#[test]
+fn the_config_space_as_cloud_hypervisor_reads_it() {
+    let dev = start(false, 2);
+    let mut fe = dev.frontend(&Setup {
+        num_queues: 2,
+        queue_size: 1024,
+        ..Setup::default()
+    });
+    let c = fe.get_config(0, 60).unwrap();
+    assert_eq!(c.len(), 60);
+    assert_eq!(c, fe.get_config(0, 96).unwrap()[..60]);
+    let u32_at = |o: usize| u32::from_le_bytes(c[o..o + 4].try_into().unwrap());
+    assert_eq!(u64::from_le_bytes(c[0..8].try_into().unwrap()), SIZE / 512);
+    assert_eq!(u32_at(12), 256 - 2, "seg_max from the ring the VMM sets");
+    assert_eq!(u32_at(20), 512, "blk_size");
+    assert_eq!(u16::from_le_bytes([c[34], c[35]]), 2, "num_queues");
+    assert_eq!(c[32], 1, "writeback");
+    // CH's write_config: one byte at the writeback offset.
+    fe.set_config(32, &[0]).unwrap();
+    assert_eq!(fe.get_config(0, 60).unwrap()[32], 0);
+    // The larger ring works.
+    let (st, _, _) = run(
+        &mut fe,
+        1,
+        blk::T_OUT,
+        0,
+        &[7u8; 4096],
+        0,
+        Layout::Simple,
+        false,
+    );
+    assert_eq!(st, 0);
+}
+
 #[test]
 fn multiqueue_requests_run_on_all_queues() {
     let dev = start(false, 4);

@@ -78,6 +78,8 @@ pub trait Device: Send + Sync + 'static {
     fn faults(&self) -> &Faults;
     /// The flag the shell keeps true exactly while a frontend is connected.
     fn connected_flag(&self) -> &AtomicBool;
+    /// Queue `queue` started on a ring of `ring_size` descriptors (the size the VMM set).
+    fn queue_started(&self, _queue: u16, _ring_size: u16) {}
     /// The frontend left and its requests are finished: drop per-connection state. What the
     /// driver negotiated and a reconnecting VMM will not resend must be kept.
     fn disconnected(&self) {}
@@ -366,6 +368,8 @@ impl<D: Device> Shell<D> {
         let r = self.drain_rounds(index, ctl, vring, &mem);
         ctl.draining.store(false, Ordering::SeqCst);
         if ctl.restarted.swap(false, Ordering::SeqCst) {
+            self.dev
+                .queue_started(index, vring.get_ref().get_queue().size());
             // Spurious interrupts are harmless: the driver just finds nothing new.
             if let Err(e) = vring.signal_used_queue() {
                 tracing::warn!(error = %e, "signalling the guest");
