@@ -46,6 +46,7 @@ guest:
 	tests/guest/reconnect.sh
 	KILL9=1 tests/guest/reconnect.sh
 	WRITE_THROUGH=1 tests/guest/reconnect.sh
+	tests/guest/libvirt.sh
 	bench/economy.sh --check zero-file/default fill-delete/fstrim
 
 lint:

@@ -30,6 +30,20 @@ guest() {
   return $rc
 }
 
+# guest_initrd SCRIPT OUT: the initramfs with SCRIPT appended as /test.sh (GUEST_ENV lines and
+# the say/await channel prepended, as guest() does), for a VMM that boots it itself (libvirt).
+# The appended archive must start on a 4-byte boundary or the kernel silently ignores it.
+guest_initrd() {
+  local script=$1 out=$2 d
+  d=$(mktemp -d)
+  { echo '#!/bin/sh'; printf '%s\n' "${GUEST_ENV[@]}"; cat "$repo/tests/guest/guest-ctl.sh"; tail -n +2 "$script"; } > "$d/test.sh"
+  chmod +x "$d/test.sh"
+  cp "$initrd" "$out"
+  head -c $(( (4 - $(stat -c %s "$out") % 4) % 4 )) /dev/zero >> "$out"
+  (cd "$d" && echo test.sh | cpio -o -H newc --quiet) >> "$out"
+  rm -rf "$d"
+}
+
 # The host side of the guest's say/await channel (tests/guest/guest-ctl.sh): a second serial
 # port backed by FIFOs in $work. Pass "${ctl_qemu[@]}" to guest(), start it in the background,
 # then ctl_loop HANDLER: HANDLER runs for every line the guest says (its output goes back to the
