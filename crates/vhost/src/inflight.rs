@@ -30,6 +30,9 @@ use std::io;
 use std::os::fd::FromRawFd;
 use std::sync::atomic::{fence, Ordering};
 
+use std::num::Wrapping;
+
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
 /// libvhost-user's `INFLIGHT_ALIGNMENT`.
@@ -73,6 +76,10 @@ pub enum InflightError {
     BadHead { head: u16, size: u16 },
     #[error("the region was written for a queue of {desc_num}, not {size}")]
     QueueSizeMismatch { desc_num: u16, size: u16 },
+    #[error("a ring of {ring} does not fit a region for queues of {region}")]
+    RingSize { ring: u16, region: u16 },
+    #[error("the guest's ring: {0}")]
+    Ring(String),
 }
 
 pub type Result<T> = std::result::Result<T, InflightError>;
@@ -328,6 +335,80 @@ impl QueueRegion<'_> {
             next_counter,
         })
     }
+}
+
+/// Where a queue starting on a region that is not fresh resumes.
+pub(crate) struct Resume {
+    pub next_avail: u16,
+    pub next_used: u16,
+    /// The next fetch counter.
+    pub counter: u64,
+    /// Requests in flight that cannot be resubmitted (a foreign, out-of-order region).
+    pub lost: usize,
+}
+
+/// Where queue `index`, starting on `region`, resumes; `None` for a fresh region (the
+/// frontend's `SET_VRING_BASE` stands). The device completes in ring order
+/// (`Device::INFLIGHT`), which is what lets the ring itself stand for the resubmit list.
+pub(crate) fn resume_point(
+    region: &Region,
+    index: u16,
+    q: &Queue,
+    guest: &GuestMemoryMmap,
+) -> Result<Option<Resume>> {
+    let region_size = region.info().queue_size;
+    if q.size() == 0 || q.size() > region_size {
+        return Err(InflightError::RingSize {
+            ring: q.size(),
+            region: region_size,
+        });
+    }
+    let used = q
+        .used_idx(guest, Ordering::Acquire)
+        .map_err(|e| InflightError::Ring(e.to_string()))?
+        .0;
+    let rec = region.queue(index)?.recover(used)?;
+    if rec.fresh {
+        return Ok(None);
+    }
+    // Taken in ring order and completed in that order (Device::INFLIGHT): the marked heads
+    // are the ring's entries from the used index on, and reading the ring again from there
+    // resubmits them, oldest first.
+    let avail_head = |pos: Wrapping<u16>| -> Option<u16> {
+        let at = q.avail_ring() + 4 + 2 * u64::from(pos.0 % q.size());
+        guest
+            .read_obj::<u16>(GuestAddress(at))
+            .ok()
+            .map(u16::from_le)
+    };
+    let in_order = rec
+        .resubmit
+        .iter()
+        .enumerate()
+        .all(|(k, &h)| avail_head(Wrapping(used) + Wrapping(k as u16)) == Some(h));
+    if !in_order {
+        // Written by a backend that completes out of order: its heads cannot be replayed from
+        // the ring. Resume after them (libvhost-user's rule) so that nothing else is lost.
+        return Ok(Some(Resume {
+            next_avail: rec.next_avail,
+            next_used: rec.next_used,
+            counter: rec.next_counter,
+            lost: rec.resubmit.len(),
+        }));
+    }
+    if !rec.resubmit.is_empty() {
+        tracing::info!(
+            queue = index,
+            requests = rec.resubmit.len(),
+            "resubmitting requests an earlier daemon left in flight"
+        );
+    }
+    Ok(Some(Resume {
+        next_avail: used,
+        next_used: rec.next_used,
+        counter: rec.next_counter,
+        lost: 0,
+    }))
 }
 
 #[cfg(test)]

@@ -13,7 +13,6 @@
 
 use std::fs::File;
 use std::io;
-use std::num::Wrapping;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
@@ -21,18 +20,15 @@ use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{
-    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard,
-    GuestMemoryMmap,
-};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
 use crate::faults::Faults;
-use crate::inflight::{InflightError, Info, Region};
+use crate::inflight::{self, InflightError, Info, Region};
 use crate::interpose::Intercept;
 use crate::queue::{self, Chain, Ring};
 
@@ -444,81 +440,6 @@ impl<D: Device> Shell<D> {
     }
 }
 
-/// Where a queue starting on a region that is not fresh resumes.
-struct Resume {
-    next_avail: u16,
-    next_used: u16,
-    /// The next fetch counter.
-    counter: u64,
-    /// Requests in flight that cannot be resubmitted (a foreign, out-of-order region).
-    lost: usize,
-}
-
-fn resume_point(
-    region: &Region,
-    index: u16,
-    q: &Queue,
-    guest: &GuestMemoryMmap,
-) -> Result<Option<Resume>, String> {
-    let info = region.info();
-    if q.size() > info.queue_size {
-        return Err(format!(
-            "the region is for queues of {}, the ring has {}",
-            info.queue_size,
-            q.size()
-        ));
-    }
-    let used = q
-        .used_idx(guest, Ordering::Acquire)
-        .map_err(|e| e.to_string())?
-        .0;
-    let rec = region
-        .queue(index)
-        .and_then(|r| r.recover(used))
-        .map_err(|e| e.to_string())?;
-    if rec.fresh {
-        return Ok(None);
-    }
-    // Taken in ring order and completed in that order (Device::INFLIGHT): the marked heads
-    // are the ring's entries from the used index on, and reading the ring again from there
-    // resubmits them, oldest first.
-    let avail_head = |pos: Wrapping<u16>| -> Option<u16> {
-        let at = q.avail_ring() + 4 + 2 * u64::from(pos.0 % q.size());
-        guest
-            .read_obj::<u16>(GuestAddress(at))
-            .ok()
-            .map(u16::from_le)
-    };
-    let in_order = rec
-        .resubmit
-        .iter()
-        .enumerate()
-        .all(|(k, &h)| avail_head(Wrapping(used) + Wrapping(k as u16)) == Some(h));
-    if !in_order {
-        // Written by a backend that completes out of order: its heads cannot be replayed from
-        // the ring. Resume after them (libvhost-user's rule) so that nothing else is lost.
-        return Ok(Some(Resume {
-            next_avail: rec.next_avail,
-            next_used: rec.next_used,
-            counter: rec.next_counter,
-            lost: rec.resubmit.len(),
-        }));
-    }
-    if !rec.resubmit.is_empty() {
-        tracing::info!(
-            queue = index,
-            requests = rec.resubmit.len(),
-            "resubmitting requests an earlier daemon left in flight"
-        );
-    }
-    Ok(Some(Resume {
-        next_avail: used,
-        next_used: rec.next_used,
-        counter: rec.next_counter,
-        lost: 0,
-    }))
-}
-
 impl<D: Device> Shell<D> {
     fn region(&self) -> Option<Arc<Region>> {
         self.inflight
@@ -541,7 +462,7 @@ impl<D: Device> Shell<D> {
             return;
         }
         ctl.recover.store(false, Ordering::SeqCst);
-        match resume_point(&region, index, q, guest) {
+        match inflight::resume_point(&region, index, q, guest) {
             Ok(Some(r)) => {
                 q.set_next_avail(r.next_avail);
                 q.set_next_used(r.next_used);
@@ -563,7 +484,7 @@ impl<D: Device> Shell<D> {
                 self.dev
                     .faults()
                     .record("inflight region unusable (tracking off)");
-                tracing::error!(queue = index, why, "inflight region: tracking off");
+                tracing::error!(queue = index, error = %why, "inflight region: tracking off");
                 *self
                     .inflight
                     .write()
