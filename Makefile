@@ -26,13 +26,24 @@ deps:
 test: deps lint unit guest
 	tests/install.sh
 
-# vsnap and vsnap-virtiofsd into PREFIX/bin, and the vhost-user descriptor naming the latter.
+# Where systemd looks for units a local install adds (docs/service.md).
+SYSTEMD_UNIT_DIR ?= $(PREFIX)/lib/systemd/system
+
+# vsnap, vsnap-virtiofsd and vsnap-blk into PREFIX/bin, the vhost-user descriptors naming the
+# latter two, and the systemd unit templates (their ExecStart= pointed at PREFIX/bin).
 install:
 	$(CARGO) build --bins $(if $(filter release,$(PROFILE)),--release)
-	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(VHOST_USER_DIR)
-	install -m 0755 target/$(PROFILE)/vsnap target/$(PROFILE)/vsnap-virtiofsd $(DESTDIR)$(PREFIX)/bin/
-	sed 's|@BINDIR@|$(PREFIX)/bin|' contrib/vhost-user/50-vsnap-fs.json.in \
-		> $(DESTDIR)$(VHOST_USER_DIR)/50-vsnap-fs.json
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(VHOST_USER_DIR) $(DESTDIR)$(SYSTEMD_UNIT_DIR)
+	install -m 0755 target/$(PROFILE)/vsnap target/$(PROFILE)/vsnap-virtiofsd \
+		target/$(PROFILE)/vsnap-blk $(DESTDIR)$(PREFIX)/bin/
+	for d in fs blk; do \
+		sed 's|@BINDIR@|$(PREFIX)/bin|' contrib/vhost-user/50-vsnap-$$d.json.in \
+			> $(DESTDIR)$(VHOST_USER_DIR)/50-vsnap-$$d.json || exit 1; \
+	done
+	for u in contrib/systemd/*@.service contrib/systemd/*@.socket; do \
+		sed 's|/usr/local/bin/|$(PREFIX)/bin/|' $$u > $(DESTDIR)$(SYSTEMD_UNIT_DIR)/$${u##*/} \
+			&& chmod 0644 $(DESTDIR)$(SYSTEMD_UNIT_DIR)/$${u##*/} || exit 1; \
+	done
 
 unit:
 	$(CARGO) test --workspace --all-targets

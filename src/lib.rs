@@ -3,9 +3,11 @@
 
 pub mod cmd;
 pub mod progress;
+pub mod service;
 pub mod size;
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`), coloured on a terminal.
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`), coloured on a terminal. The daemons
+/// take `--log-level` and `--syslog` too: [`service::log::init`].
 pub fn init_logging(default: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -33,8 +33,19 @@ enum Cmd {
 }
 
 fn main() {
-    vsnap::init_logging("info");
     let cli = Cli::parse();
+    let logging = match &cli.cmd {
+        Cmd::Blk(a) => vsnap::service::log::init(&a.service.log),
+        Cmd::Fs(a) => vsnap::service::log::init(&a.service.log),
+        _ => {
+            vsnap::init_logging("info");
+            Ok(())
+        }
+    };
+    if let Err(e) = logging {
+        eprintln!("vsnap: error: {e}");
+        std::process::exit(1);
+    }
     let r = match cli.cmd {
         Cmd::Blk(a) => cmd::blk::run(a),
         Cmd::Ctl(a) => cmd::ctl::run(a),

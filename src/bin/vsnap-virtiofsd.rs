@@ -26,7 +26,7 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let (args, warnings, log_level) = match plan {
+    let (args, warnings) = match plan {
         virtiofsd::Plan::PrintCapabilities => {
             println!("{}", virtiofsd::CAPABILITIES);
             return;
@@ -43,22 +43,21 @@ fn main() {
             let _ = Cli::command().print_help();
             return;
         }
-        virtiofsd::Plan::Serve {
-            args,
-            warnings,
-            log_level,
-        } => (args, warnings, log_level),
+        virtiofsd::Plan::Serve { args, warnings } => (args, warnings),
     };
-    // --log-level and -d choose the filter unless RUST_LOG does.
-    vsnap::init_logging(log_level.as_deref().unwrap_or("info"));
-    for w in warnings {
-        tracing::warn!("{w}");
-    }
     let cli = Cli::try_parse_from(std::iter::once("vsnap-virtiofsd".into()).chain(args))
         .unwrap_or_else(|e| {
             eprintln!("vsnap-virtiofsd: error: {e}");
             std::process::exit(1);
         });
+    // --log-level (or -d) and --syslog, as translated.
+    if let Err(e) = vsnap::service::log::init(&cli.fs.service.log) {
+        eprintln!("vsnap-virtiofsd: error: {e}");
+        std::process::exit(1);
+    }
+    for w in warnings {
+        tracing::warn!("{w}");
+    }
     if let Err(e) = fs::run(cli.fs) {
         eprintln!("vsnap-virtiofsd: error: {e:#}");
         std::process::exit(1);

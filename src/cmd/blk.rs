@@ -2,26 +2,39 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use clap::Args;
 use vsnap_blk::{BlkBackend, BlkOptions, CacheModeFile};
 use vsnap_block::{Disk, DiskOptions};
 use vsnap_vhost::listen::{self, SocketFile};
 use vsnap_vhost::serve_listener;
 
+use crate::service::ServiceArgs;
 use crate::size::parse_size;
+
+/// `vsnap-blk --print-capabilities` (the vhost-user spec's "Backend program conventions"):
+/// `--blk-file` is `--base`, `--read-only` is `--readonly`.
+pub const CAPABILITIES: &str =
+    "{\n  \"type\": \"block\",\n  \"features\": [\n    \"blk-file\",\n    \"read-only\"\n  ]\n}";
 
 #[derive(Args)]
 pub struct BlkArgs {
-    /// vhost-user socket to listen on (the VMM connects to it).
+    /// vhost-user socket to listen on (the VMM connects to it). Not needed with --fd or under
+    /// systemd socket activation when --state-dir is given.
     #[arg(long, alias = "socket")]
-    socket_path: PathBuf,
-    /// Serve on this inherited listening socket (a manager bound it at --socket-path) instead
-    /// of binding. Under systemd socket activation (LISTEN_FDS) the passed socket is used.
+    socket_path: Option<PathBuf>,
+    /// Give the socket to this group (a name or a number) with mode 0660, so that a VMM
+    /// running in it may connect.
+    #[arg(long, requires = "socket_path", conflicts_with = "fd")]
+    socket_group: Option<String>,
+    /// Serve on this inherited listening socket (a manager bound it) instead of binding. Under
+    /// systemd socket activation (LISTEN_FDS) the passed socket is used.
     #[arg(long)]
     fd: Option<i32>,
-    /// Read-only base image (raw). Omit together with --size for a blank disk.
-    #[arg(long)]
+    /// Read-only base image (raw); `--blk-file` is the vhost-user convention's name for it. The
+    /// image is never written: the guest's writes go to layers in the state directory. Omit
+    /// together with --size for a blank disk.
+    #[arg(long, visible_alias = "blk-file")]
     base: Option<PathBuf>,
     /// Size of a blank disk (e.g. 10G) when there is no base image.
     #[arg(long, value_parser = parse_size)]
@@ -37,7 +50,7 @@ pub struct BlkArgs {
     #[arg(long)]
     allow_foreign_parent: bool,
     /// Serve the disk read-only (the guest sees VIRTIO_BLK_F_RO).
-    #[arg(long)]
+    #[arg(long, visible_alias = "read-only")]
     readonly: bool,
     /// Number of virtqueues. QEMU's vhost-user-blk-pci asks for one per vCPU and refuses a device
     /// with fewer, so the default is generous; unused queues cost an idle thread.
@@ -60,6 +73,8 @@ pub struct BlkArgs {
     /// state directory].
     #[arg(long)]
     serial: Option<String>,
+    #[command(flatten)]
+    pub service: ServiceArgs,
 }
 
 fn parse_queue_size(s: &str) -> Result<u16, String> {
@@ -100,28 +115,54 @@ fn device_status(backend: Arc<BlkBackend>, socket: PathBuf) -> vsnap_control::St
 /// daemon serves it. Returns the socket file to remove at exit when we bound it.
 fn listen(a: &BlkArgs) -> anyhow::Result<(UnixListener, Option<SocketFile>)> {
     if let Some(l) = listen::from_systemd()? {
+        if a.socket_group.is_some() {
+            bail!(
+                "--socket-group: systemd passed the socket; set SocketGroup= in its .socket unit"
+            );
+        }
         return Ok((l, None));
     }
     if let Some(fd) = a.fd {
         // SAFETY: the manager handed us this fd at exec; nothing else in the process takes it.
         return Ok((unsafe { listen::from_fd(fd) }?, None));
     }
-    let (l, f) = listen::bind_exclusive(&a.socket_path)?.into_parts();
+    let Some(path) = &a.socket_path else {
+        bail!("--socket-path, --fd or systemd socket activation is needed");
+    };
+    let mut bound = listen::bind_exclusive(path)?;
+    if let Some(g) = &a.socket_group {
+        if let Err(e) = bound.set_group(g) {
+            bound.file.remove();
+            return Err(e.into());
+        }
+    }
+    let (l, f) = bound.into_parts();
     Ok((l, Some(f)))
 }
 
 pub fn run(a: BlkArgs) -> anyhow::Result<()> {
-    // First: before any thread runs (from_systemd edits the environment), and before the disk
-    // is opened (a second daemon on a live socket stops here).
-    let (listener, socket_file) = listen(&a)?;
-    let r = run_on(a, listener);
-    if let Some(f) = &socket_file {
-        f.remove();
+    // Before anything is bound or opened: a second daemon on the same pidfile stops here.
+    let mut pidfile = a.service.lock_pidfile()?;
+    // Then the socket, before any thread runs (from_systemd edits the environment) and before
+    // the disk is opened (a second daemon on a live socket stops here).
+    let r = listen(&a).and_then(|(listener, socket_file)| {
+        let r = run_on(a, listener, pidfile.as_mut());
+        if let Some(f) = &socket_file {
+            f.remove();
+        }
+        r
+    });
+    if let Some(p) = pidfile {
+        p.remove();
     }
     r
 }
 
-fn run_on(a: BlkArgs, listener: UnixListener) -> anyhow::Result<()> {
+fn run_on(
+    a: BlkArgs,
+    listener: UnixListener,
+    pidfile: Option<&mut crate::service::Pidfile>,
+) -> anyhow::Result<()> {
     if a.serial.as_ref().is_some_and(|s| s.len() > 20) {
         anyhow::bail!("--serial is longer than 20 bytes");
     }
@@ -131,11 +172,24 @@ fn run_on(a: BlkArgs, listener: UnixListener) -> anyhow::Result<()> {
     {
         anyhow::bail!("--logical-block-size must be a power of two from 512 to --block-size");
     }
-    let state_dir = a.state_dir.clone().unwrap_or_else(|| {
-        let mut s = a.socket_path.clone().into_os_string();
-        s.push(".state");
-        PathBuf::from(s)
-    });
+    let state_dir = match (&a.state_dir, &a.socket_path) {
+        (Some(d), _) => d.clone(),
+        (None, Some(p)) => {
+            let mut s = p.clone().into_os_string();
+            s.push(".state");
+            PathBuf::from(s)
+        }
+        (None, None) => bail!("--state-dir is needed when there is no --socket-path"),
+    };
+    // What the control API reports: the path given, else the one the socket is bound to.
+    let socket = a
+        .socket_path
+        .clone()
+        .or_else(|| {
+            let addr = listener.local_addr().ok()?;
+            addr.as_pathname().map(Path::to_owned)
+        })
+        .unwrap_or_default();
     let mut o = DiskOptions::new(&state_dir);
     o.base = a.base.clone();
     o.size = a.size;
@@ -144,6 +198,16 @@ fn run_on(a: BlkArgs, listener: UnixListener) -> anyhow::Result<()> {
     o.readonly = a.readonly;
     if a.allow_foreign_parent {
         o.chain_root = vsnap_block::diff::ChainRoot::Foreign;
+    }
+    if a.readonly && !state_dir.exists() {
+        // A read-only disk leaves its state directory untouched, so it needs one: a new one
+        // holds just the base (or the blank size) and the chain, as a read-write start would.
+        let mut create = o.clone();
+        create.readonly = false;
+        Disk::open(&create)
+            .and_then(|d| d.close())
+            .with_context(|| format!("create the disk in {}", state_dir.display()))?;
+        tracing::info!(state_dir = %state_dir.display(), "state directory created for a read-only disk");
     }
     let disk = Arc::new(
         Disk::open(&o).with_context(|| format!("open the disk in {}", state_dir.display()))?,
@@ -177,7 +241,7 @@ fn run_on(a: BlkArgs, listener: UnixListener) -> anyhow::Result<()> {
     );
     let stop_api = match &a.api_socket {
         Some(p) => {
-            let status = device_status(backend.clone(), a.socket_path.clone());
+            let status = device_status(backend.clone(), socket);
             let api = vsnap_control::Api::new(disk.clone(), status);
             let stop = vsnap_control::spawn(p, api)
                 .with_context(|| format!("control socket {}", p.display()))?;
@@ -187,6 +251,10 @@ fn run_on(a: BlkArgs, listener: UnixListener) -> anyhow::Result<()> {
         None => None,
     };
     let stopper = super::stop_on_signals()?;
+    // Ready: whoever reads the pid may signal it, and the stop is handled from here on.
+    if let Some(p) = pidfile {
+        p.write_pid(std::process::id())?;
+    }
     // `serve` removes the socket file it bound (and only that: a refused second daemon must not
     // remove the first one's).
     let served = serve_listener(backend, listener, &stopper);

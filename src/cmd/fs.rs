@@ -11,17 +11,16 @@ use vsnap_fs::inode_store::StoreMode;
 use vsnap_fs::passthrough::{CacheMode, FsConfig, Passthrough};
 use vsnap_fs::sandbox::{Entered, Mode, Sandbox, SeccompMode};
 use vsnap_fs::server::Server;
+use vsnap_vhost::listen::{self, SocketFile};
 use vsnap_vhost::serve_listener;
+
+use crate::service::{Pidfile, ServiceArgs};
 
 #[derive(Args)]
 pub struct FsArgs {
-    /// vhost-user socket to listen on (the VMM connects to it).
-    #[arg(
-        long,
-        alias = "socket",
-        required_unless_present = "fd",
-        conflicts_with = "fd"
-    )]
+    /// vhost-user socket to listen on (the VMM connects to it); one of it, --fd or systemd
+    /// socket activation.
+    #[arg(long, alias = "socket", conflicts_with = "fd")]
     socket_path: Option<PathBuf>,
     /// Give the socket to this group (a name or a number) with mode 0660, so that a VMM
     /// running in it may connect.
@@ -91,11 +90,17 @@ pub struct FsArgs {
     /// Maximum virtqueue size.
     #[arg(long, default_value_t = 1024)]
     queue_size: u16,
+    /// Request queues offered besides the hiprio queue (cloud-hypervisor's `num_queues`), each
+    /// served by a thread of its own.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=255))]
+    num_request_queues: u16,
     /// Open-file limit to set; 0 leaves it alone [default: min(1,000,000, fs.nr_open) as root,
     /// the hard limit otherwise]. Open guest files (and, with `--inode-store fd`, every inode)
     /// take an fd each.
     #[arg(long)]
     rlimit_nofile: Option<u64>,
+    #[command(flatten)]
+    pub service: ServiceArgs,
 }
 
 /// Raises RLIMIT_NOFILE like virtiofsd does.
@@ -188,7 +193,49 @@ fn inside(shared: &Path, workdir: &Path) -> bool {
     std::fs::canonicalize(parent).is_ok_and(|p| p.starts_with(shared))
 }
 
+/// The listening socket: systemd's, an inherited `--fd`, or `--socket-path` bound unless a live
+/// daemon serves it (with the socket file to remove at exit).
+fn listen(a: &FsArgs) -> anyhow::Result<(std::os::unix::net::UnixListener, Option<SocketFile>)> {
+    if let Some(l) = listen::from_systemd()? {
+        if a.socket_group.is_some() {
+            bail!(
+                "--socket-group: systemd passed the socket; set SocketGroup= in its .socket unit"
+            );
+        }
+        return Ok((l, None));
+    }
+    match (&a.socket_path, a.fd) {
+        (Some(p), _) => {
+            let mut bound = listen::bind_exclusive(p)?;
+            if let Some(g) = &a.socket_group {
+                if let Err(e) = bound.set_group(g) {
+                    bound.file.remove();
+                    return Err(e.into());
+                }
+            }
+            let (l, file) = bound.into_parts();
+            Ok((l, Some(file)))
+        }
+        // SAFETY: the caller handed us this fd as a listening socket.
+        (None, Some(fd)) => Ok((unsafe { listen::from_fd(fd) }?, None)),
+        (None, None) => bail!("--socket-path, --fd or systemd socket activation is needed"),
+    }
+}
+
+/// Removes the pidfile however `run` is left, except by the paths that must not (see `run`).
+struct PidfileGuard(Option<Pidfile>);
+
+impl Drop for PidfileGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            p.remove();
+        }
+    }
+}
+
 pub fn run(a: FsArgs) -> anyhow::Result<()> {
+    // Before anything is bound or opened: a second daemon on the same pidfile stops here.
+    let mut pidfile = PidfileGuard(a.service.lock_pidfile()?);
     if a.tag.as_ref().is_some_and(|t| t.len() > TAG_LEN) {
         bail!("--tag is longer than {TAG_LEN} bytes");
     }
@@ -217,19 +264,7 @@ pub fn run(a: FsArgs) -> anyhow::Result<()> {
     }
     let sandbox = Sandbox::new(mode, &shared, a.modcaps.as_deref())?;
     // Bind before the sandbox hides the socket's directory.
-    let (listener, socket_file) = match (&a.socket_path, a.fd) {
-        (Some(p), _) => {
-            let mut bound = vsnap_vhost::listen::bind_exclusive(p)?;
-            if let Some(g) = &a.socket_group {
-                bound.set_group(g)?;
-            }
-            let (l, file) = bound.into_parts();
-            (l, Some(file))
-        }
-        // SAFETY: the caller handed us this fd as a listening socket.
-        (None, Some(fd)) => (unsafe { vsnap_vhost::listen::from_fd(fd) }?, None),
-        (None, None) => bail!("--socket-path or --fd is required"),
-    };
+    let (listener, socket_file) = listen(&a)?;
     let cfg = FsConfig {
         cache: match a.cache {
             CacheArg::Never => CacheMode::Never,
@@ -248,7 +283,18 @@ pub fn run(a: FsArgs) -> anyhow::Result<()> {
         killpriv_v2: !a.no_killpriv_v2,
         readonly: a.readonly,
     };
-    raise_nofile(a.rlimit_nofile, root)?;
+    // The pid written is the one the host knows the daemon by: in namespace mode this process
+    // becomes the supervisor, which passes stop signals on.
+    let ready = raise_nofile(a.rlimit_nofile, root).and_then(|()| match &mut pidfile.0 {
+        Some(p) => Ok(p.write_pid(std::process::id())?),
+        None => Ok(()),
+    });
+    if let Err(e) = ready {
+        if let Some(f) = &socket_file {
+            f.remove();
+        }
+        return Err(e);
+    }
     let inside = match sandbox.enter()? {
         Entered::Inside(i) => i,
         Entered::Supervisor(sup) => {
@@ -259,11 +305,30 @@ pub fn run(a: FsArgs) -> anyhow::Result<()> {
             if let Some(f) = &socket_file {
                 f.remove();
             }
+            drop(pidfile);
             std::process::exit(code);
         }
     };
+    let _held_until_exit = match mode {
+        // The supervisor holds the pidfile; the sandboxed child keeps no descriptor of the
+        // host's file system.
+        Mode::Namespace => {
+            drop(pidfile.0.take());
+            None
+        }
+        // The file is out of reach once the root changes: the lock is held until exit and the
+        // file stays behind, for the next start to take over.
+        Mode::Chroot => pidfile.0.take(),
+        Mode::None => None,
+    };
     // Opened here: after the fork (its /proc/self/fd is this process's) and while the paths
     // are still visible.
+    tracing::debug!(
+        config = ?cfg,
+        request_queues = a.num_request_queues,
+        thread_pool_size = a.thread_pool_size,
+        "options"
+    );
     let fs = Passthrough::new(&shared, &workdir, cfg)
         .with_context(|| format!("serve {}", shared.display()))?;
     let confined = inside.confine()?;
@@ -277,7 +342,7 @@ pub fn run(a: FsArgs) -> anyhow::Result<()> {
         Arc::new(Server::new(fs)),
         FsOptions {
             tag: a.tag.clone(),
-            request_queues: 1,
+            request_queues: a.num_request_queues,
             queue_size: a.queue_size,
             thread_pool_size: a.thread_pool_size,
         },

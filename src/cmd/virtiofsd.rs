@@ -53,12 +53,8 @@ pub const OPTIONS: &[Opt] = &[
     opt("rlimit-nofile", true, Same("--rlimit-nofile")),
     opt("killpriv-v2", false, Same("--killpriv-v2")),
     opt("no-killpriv-v2", false, Same("--no-killpriv-v2")),
-    opt("log-level", true, Same("RUST_LOG")),
-    opt(
-        "syslog",
-        false,
-        Differs("logs go to stderr (journald or libvirt's log file captures them), not to syslog"),
-    ),
+    opt("log-level", true, Same("--log-level")),
+    opt("syslog", false, Same("--syslog")),
     opt(
         "announce-submounts",
         false,
@@ -147,7 +143,7 @@ pub const O_ITEMS: &[Opt] = &[
     opt("cache", true, Same("--cache")),
     opt("sandbox", true, Same("--sandbox")),
     opt("modcaps", true, Same("--modcaps")),
-    opt("log_level", true, Same("RUST_LOG")),
+    opt("log_level", true, Same("--log-level")),
     opt("xattr", false, Same("--xattr")),
     opt(
         "no_xattr",
@@ -206,7 +202,6 @@ pub enum Plan {
     Serve {
         args: Vec<OsString>,
         warnings: Vec<String>,
-        log_level: Option<String>,
     },
     PrintCapabilities,
     Version,
@@ -255,7 +250,11 @@ fn apply(
         (false, Some(_)) => return Err(format!("{shown} takes no value")),
     };
     match o.does {
-        Same("RUST_LOG") => *log_level = value,
+        // Given once, at the end: `-d` and the `-o` form set it too, and the last one counts.
+        Same("--log-level") => {
+            // C virtiofsd's `err`.
+            *log_level = value.map(|v| if v == "err" { "error".into() } else { v });
+        }
         Same(flag) => {
             args.push(flag.into());
             if let Some(v) = value {
@@ -329,11 +328,11 @@ pub fn translate(argv: impl IntoIterator<Item = OsString>) -> Result<Plan, Strin
             &mut log_level,
         )?;
     }
-    Ok(Plan::Serve {
-        args,
-        warnings,
-        log_level,
-    })
+    if let Some(level) = log_level {
+        args.push("--log-level".into());
+        args.push(level.into());
+    }
+    Ok(Plan::Serve { args, warnings })
 }
 
 /// The Markdown table of [`OPTIONS`] and [`O_ITEMS`] (docs/virtiofsd.md carries it).
@@ -345,7 +344,6 @@ pub fn options_table() -> String {
         .chain(O_ITEMS.iter().map(|o| (format!("`-o {}`", o.name), o)));
     for (shown, o) in rows {
         let what = match o.does {
-            Same("RUST_LOG") => "the same (sets the log filter)".to_string(),
             Same(flag) => format!("the same (`vsnap fs {flag}`)"),
             Differs(w) => format!("accepted with a warning: {w}"),
             Always(w) => format!("accepted: {w}"),
@@ -364,16 +362,11 @@ mod tests {
         translate(args.iter().map(OsString::from))
     }
 
-    fn serve(args: &[&str]) -> (Vec<String>, Vec<String>, Option<String>) {
+    fn serve(args: &[&str]) -> (Vec<String>, Vec<String>) {
         match plan(args).unwrap() {
-            Plan::Serve {
-                args,
-                warnings,
-                log_level,
-            } => (
+            Plan::Serve { args, warnings } => (
                 args.into_iter().map(|a| a.into_string().unwrap()).collect(),
                 warnings,
-                log_level,
             ),
             p => panic!("{p:?}"),
         }
@@ -381,7 +374,7 @@ mod tests {
 
     #[test]
     fn what_libvirt_9_passes() {
-        let (args, warnings, _) = serve(&[
+        let (args, warnings) = serve(&[
             "--fd=31",
             "-o",
             "source=/srv/a,,b,cache=always,xattr,flock,posix_lock,sandbox=chroot",
@@ -404,7 +397,7 @@ mod tests {
             ]
         );
         assert_eq!(warnings.len(), 2, "{warnings:?}");
-        let (args, _, _) = serve(&["--fd=3", "-o", "source=/s,cache=none,no_xattr,no_flock"]);
+        let (args, _) = serve(&["--fd=3", "-o", "source=/s,cache=none,no_xattr,no_flock"]);
         assert_eq!(
             args,
             ["--fd", "3", "--shared-dir", "/s", "--cache", "never"]
@@ -413,7 +406,7 @@ mod tests {
 
     #[test]
     fn the_separate_style_and_its_values() {
-        let (args, warnings, log) = serve(&[
+        let (args, warnings) = serve(&[
             "--socket-path",
             "/run/fs.sock",
             "--shared-dir=/srv",
@@ -422,7 +415,8 @@ mod tests {
             "--readonly",
             "--inode-file-handles",
             "--log-level",
-            "debug",
+            "trace",
+            "--syslog",
             "--announce-submounts",
         ]);
         assert_eq!(
@@ -436,12 +430,19 @@ mod tests {
                 "kill",
                 "--modcaps",
                 "-mknod",
-                "--readonly"
+                "--readonly",
+                "--syslog",
+                "--log-level",
+                "trace"
             ]
         );
-        assert_eq!(log.as_deref(), Some("debug"));
         assert_eq!(warnings.len(), 1, "{warnings:?}");
-        assert_eq!(serve(&["-d"]).2.as_deref(), Some("debug"));
+        // The last of -d, --log-level and -o log_level counts, and is passed on once.
+        assert_eq!(serve(&["-d"]).0, ["--log-level", "debug"]);
+        assert_eq!(
+            serve(&["--log-level=warn", "-d", "-o", "log_level=err"]).0,
+            ["--log-level", "error"]
+        );
     }
 
     #[test]
