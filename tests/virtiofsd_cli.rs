@@ -77,10 +77,20 @@ fn serves_a_share_from_libvirts_command_line() {
     let node = f.lookup(1, "hello").unwrap();
     let fh = f.open(node, libc::O_RDONLY as u32).unwrap();
     assert_eq!(f.read_bytes(node, fh, 0, 64).unwrap(), b"from the host");
+    // Like virtiofsd, it exits once the frontend has gone (libvirt waits for that).
     drop(f);
-    // SAFETY: plain syscall on our child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let status = child.wait().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("vsnap-virtiofsd still running 10 s after its frontend left");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    assert!(!sock.exists(), "the socket file is removed");
     let mut err = String::new();
     std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
     assert!(status.success(), "exit {status:?}: {err}");

@@ -45,11 +45,16 @@ fn main() {
         }
         virtiofsd::Plan::Serve { args, warnings } => (args, warnings),
     };
-    let cli = Cli::try_parse_from(std::iter::once("vsnap-virtiofsd".into()).chain(args))
-        .unwrap_or_else(|e| {
-            eprintln!("vsnap-virtiofsd: error: {e}");
-            std::process::exit(1);
-        });
+    // virtiofsd serves one frontend and exits when it leaves.
+    let cli = Cli::try_parse_from(
+        std::iter::once("vsnap-virtiofsd".into())
+            .chain(args)
+            .chain(std::iter::once("--exit-after-disconnect".into())),
+    )
+    .unwrap_or_else(|e| {
+        eprintln!("vsnap-virtiofsd: error: {e}");
+        std::process::exit(1);
+    });
     // --log-level (or -d) and --syslog, as translated.
     if let Err(e) = vsnap::service::log::init(&cli.fs.service.log) {
         eprintln!("vsnap-virtiofsd: error: {e}");

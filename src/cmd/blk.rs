@@ -56,8 +56,11 @@ pub struct BlkArgs {
     /// with fewer, so the default is generous; unused queues cost an idle thread.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
     num_queues: u16,
-    /// Maximum virtqueue size.
-    #[arg(long, default_value_t = 1024, value_parser = parse_queue_size)]
+    /// The ring size the VMM sets (QEMU's `queue-size`, cloud-hypervisor's `queue_size`; 128
+    /// in both by default). The config space's seg_max is derived from it, because the VMM reads
+    /// that before sizing any ring; larger rings are accepted (up to 32768), a smaller one is
+    /// warned about (docs/interop.md).
+    #[arg(long, default_value_t = 128, value_parser = parse_queue_size)]
     queue_size: u16,
     /// Tracking block size in bytes (power of two, 512..1M); advertised to the guest as the
     /// physical block size and I/O granularity.

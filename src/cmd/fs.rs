@@ -94,6 +94,11 @@ pub struct FsArgs {
     /// served by a thread of its own.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=255))]
     num_request_queues: u16,
+    /// Exit when the frontend disconnects instead of keeping the FUSE session for its
+    /// reconnect: virtiofsd's behaviour, which vsnap-virtiofsd always has (libvirt starts one
+    /// daemon per guest and waits for it to exit).
+    #[arg(long)]
+    exit_after_disconnect: bool,
     /// Open-file limit to set; 0 leaves it alone [default: min(1,000,000, fs.nr_open) as root,
     /// the hard limit otherwise]. Open guest files (and, with `--inode-store fd`, every inode)
     /// take an fd each.
@@ -348,6 +353,9 @@ pub fn run(a: FsArgs) -> anyhow::Result<()> {
         },
     )?);
     let stopper = super::stop_on_signals()?;
+    if a.exit_after_disconnect {
+        stopper.exit_after_disconnect();
+    }
     confined.lock_down(match a.seccomp {
         SeccompArg::None => SeccompMode::None,
         SeccompArg::Log => SeccompMode::Log,

@@ -47,6 +47,8 @@ pub struct Stopper(Arc<StopState>);
 #[derive(Default)]
 struct StopState {
     requested: AtomicBool,
+    /// Serve one frontend only: return once it leaves (virtiofsd's behaviour).
+    once: AtomicBool,
     connection: Mutex<Option<Connection>>,
     /// The listening socket, shut down to wake an `accept()` (works inside a chroot too).
     listener: Mutex<Option<RawFd>>,
@@ -98,6 +100,13 @@ impl Stopper {
     pub fn is_stopped(&self) -> bool {
         self.0.requested.load(Ordering::SeqCst)
     }
+
+    /// Makes the server return when its first frontend disconnects, instead of listening for
+    /// the next one: what virtiofsd does, and what libvirt, which starts one daemon per guest
+    /// and waits for it to go, expects of a daemon it runs in virtiofsd's place.
+    pub fn exit_after_disconnect(&self) {
+        self.0.once.store(true, Ordering::SeqCst);
+    }
 }
 
 /// Serves `device` on a socket at `path`, refusing to take over a socket another process
@@ -140,6 +149,7 @@ pub fn serve_listener<D: Device>(
             break Ok(());
         }
         match serve_one(&shell, &listener, private.as_ref(), stopper) {
+            Ok(()) if stopper.0.once.load(Ordering::SeqCst) => break Ok(()),
             Ok(()) => {}
             Err(e) if stopper.is_stopped() => {
                 tracing::debug!(error = %e, "accept ended by the stop");
