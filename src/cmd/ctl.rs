@@ -44,6 +44,12 @@ enum CtlCmd {
         /// qcow2 only: the overlay's backing file (the parent image).
         #[arg(long)]
         backing: Option<PathBuf>,
+        /// `none` or `zstd[:LEVEL]` (vsnap format).
+        #[arg(long, default_value_t = vsnap_block::diff::Compression::DEFAULT)]
+        compression: vsnap_block::diff::Compression,
+        /// Raw bytes per frame, a multiple of the block size (vsnap format) [default: 1 MiB].
+        #[arg(long)]
+        frame_size: Option<u32>,
         /// Wait until the export finishes (polls its progress).
         #[arg(long)]
         wait: bool,
@@ -116,10 +122,15 @@ pub fn run(a: CtlArgs) -> anyhow::Result<()> {
             path,
             format,
             backing,
+            compression,
+            frame_size,
             wait,
         } => {
             let path = std::path::absolute(path)?;
-            let mut body = json!({ "path": path, "format": format });
+            let mut body = json!({ "path": path, "format": format, "compression": compression });
+            if let Some(f) = frame_size {
+                body["frame_size"] = json!(f);
+            }
             if let Some(b) = backing {
                 body["backing"] = json!(std::path::absolute(b)?);
             }

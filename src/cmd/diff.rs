@@ -2,15 +2,17 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 use serde::Serialize;
-use vsnap_block::diff::{self, DiffFile};
+use vsnap_block::diff::{self, Compression, DiffFile, WriteOptions};
 use vsnap_block::tracker::runs;
 use vsnap_block::{Disk, DiskOptions, Job};
 
 use super::print_json;
+use crate::size::parse_size;
 
 #[derive(Subcommand)]
 pub enum DiffCmd {
-    /// Show a diff's header, counts and block ranges (validates every checksum).
+    /// Show a diff's header, counts, storage (version, stored and raw bytes, compression ratio,
+    /// frames) and block ranges (validates every checksum).
     Inspect {
         diff: PathBuf,
         #[arg(long)]
@@ -39,6 +41,8 @@ pub enum DiffCmd {
         diffs: Vec<PathBuf>,
         #[arg(long)]
         force: bool,
+        #[command(flatten)]
+        write: WriteArgs,
     },
     /// Convert a diff into a qcow2 overlay whose backing file is the diff's parent image.
     ToQcow2 {
@@ -54,6 +58,32 @@ pub enum DiffCmd {
         #[arg(long)]
         allow_foreign_parent: bool,
     },
+}
+
+/// How a diff is written.
+#[derive(Args)]
+pub struct WriteArgs {
+    /// none, zstd (level 3) or zstd:LEVEL; frames zstd does not shrink are stored raw.
+    #[arg(long, default_value_t = Compression::DEFAULT)]
+    compression: Compression,
+    /// Raw bytes per frame (a multiple of the block size): one block read decodes one frame.
+    #[arg(long, default_value = "1M", value_parser = parse_size)]
+    frame_size: u64,
+    /// Threads compressing frames at once.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    threads: u16,
+}
+
+impl WriteArgs {
+    fn options(&self) -> anyhow::Result<WriteOptions> {
+        Ok(WriteOptions {
+            compression: self.compression,
+            frame_size: u32::try_from(self.frame_size)
+                .map_err(|_| anyhow::anyhow!("--frame-size {} is too large", self.frame_size))?,
+            threads: usize::from(self.threads),
+            ..WriteOptions::default()
+        })
+    }
 }
 
 fn root(allow_foreign_parent: bool) -> diff::ChainRoot {
@@ -86,9 +116,22 @@ struct Inspect {
     dirty_blocks: u64,
     zero_blocks: u64,
     untouched_blocks: u64,
+    /// Raw bytes of the dirty blocks (same as raw_bytes).
     data_bytes: u64,
     zero_bytes: u64,
     file_bytes: u64,
+    /// File offset of the data section (the frames' stored bytes follow back to back).
+    data_offset: u64,
+    raw_bytes: u64,
+    /// Bytes the dirty blocks take in the file.
+    stored_bytes: u64,
+    /// raw_bytes / stored_bytes (1 when nothing is stored).
+    compression_ratio: f64,
+    frames: u64,
+    /// Frames stored compressed; the others are raw.
+    zstd_frames: u64,
+    /// Raw bytes per frame (version 1: per checksum chunk).
+    frame_size: u32,
     checksums: &'static str,
     /// Runs of blocks, [start, end) in block indices.
     dirty_ranges: Vec<(u32, u64)>,
@@ -113,10 +156,17 @@ pub fn run(cmd: DiffCmd) -> anyhow::Result<()> {
             eprintln!("wrote {} ({} bytes)", out.display(), g.size);
             Ok(())
         }
-        DiffCmd::Squash { out, diffs, force } => {
+        DiffCmd::Squash {
+            out,
+            diffs,
+            force,
+            write,
+        } => {
             let job = Job::new();
-            let h =
-                crate::progress::run("squash", &job, || diff::squash(&diffs, &out, force, &job))??;
+            let opts = write.options()?;
+            let h = crate::progress::run("squash", &job, || {
+                diff::squash_with(&diffs, &out, force, &opts, &job)
+            })??;
             eprintln!(
                 "wrote {}: {} dirty, {} zero blocks",
                 out.display(),
@@ -148,8 +198,9 @@ fn inspect(path: PathBuf, json: bool) -> anyhow::Result<()> {
     d.verify(&Job::new())?;
     let h = &d.header;
     let g = h.geometry;
+    let st = d.data_stats();
     let info = Inspect {
-        version: diff::VERSION,
+        version: h.version,
         id: h.id.to_string(),
         parent: (!h.parent.is_nil()).then(|| h.parent.to_string()),
         generation: h.generation,
@@ -161,7 +212,18 @@ fn inspect(path: PathBuf, json: bool) -> anyhow::Result<()> {
         untouched_blocks: g.blocks() - h.dirty_blocks - h.zero_blocks,
         data_bytes: h.data_len(),
         zero_bytes: h.zero_blocks * g.bs(),
-        file_bytes: h.file_len(),
+        file_bytes: d.file_len(),
+        data_offset: h.data_offset(),
+        raw_bytes: st.raw_bytes,
+        stored_bytes: st.stored_bytes,
+        compression_ratio: if st.stored_bytes == 0 {
+            1.0
+        } else {
+            st.raw_bytes as f64 / st.stored_bytes as f64
+        },
+        frames: st.frames,
+        zstd_frames: st.zstd_frames,
+        frame_size: h.frame_size,
         checksums: "ok",
         dirty_ranges: runs(d.tracker().dirty()).collect(),
         zero_ranges: runs(d.tracker().zero()).collect(),
@@ -189,6 +251,15 @@ fn inspect(path: PathBuf, json: bool) -> anyhow::Result<()> {
         info.zero_blocks, info.zero_bytes
     );
     println!("untouched:   {} blocks", info.untouched_blocks);
+    println!(
+        "stored:      {} bytes for {} raw (ratio {:.3}); frames: {} ({} zstd), up to {} raw bytes each",
+        info.stored_bytes,
+        info.raw_bytes,
+        info.compression_ratio,
+        info.frames,
+        info.zstd_frames,
+        info.frame_size
+    );
     println!(
         "file:        {} bytes, checksums {}",
         info.file_bytes, info.checksums

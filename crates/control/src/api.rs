@@ -44,6 +44,13 @@ pub struct ExportRequest {
     /// qcow2 only: the image the overlay's unallocated clusters read from (the parent).
     #[serde(default)]
     pub backing: Option<PathBuf>,
+    /// vsnap format only: `none` or `zstd[:LEVEL]` (default `zstd:3`).
+    #[serde(default)]
+    pub compression: vsnap_block::diff::Compression,
+    /// vsnap format only: raw bytes per frame, a multiple of the block size (default 1 MiB).
+    /// Smaller frames make the random reads of a chain cheaper.
+    #[serde(default)]
+    pub frame_size: Option<u32>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 use serde_json::json;
+use vsnap_block::diff::WriteOptions;
 use vsnap_block::{BlockError, Disk, LayerInfo};
 
 use crate::api::{
@@ -282,6 +283,10 @@ impl Api {
             }
             (_, b) => b,
         };
+        let mut opts = WriteOptions::new(r.compression);
+        if let Some(f) = r.frame_size {
+            opts.frame_size = f;
+        }
         let job = self
             .disk
             .start_export(layer.generation, &r.path)
@@ -289,7 +294,7 @@ impl Api {
         let (disk, path, generation) = (self.disk.clone(), r.path.clone(), layer.generation);
         let spawned = std::thread::Builder::new()
             .name(format!("vsnap-export-{generation}"))
-            .spawn(move || match disk.run_export(generation, &path, backing.as_deref(), &job) {
+            .spawn(move || match disk.run_export_with(generation, &path, backing.as_deref(), &opts, &job) {
                 Ok(h) => tracing::info!(generation, path = %path.display(), data_bytes = h.data_len(), "export done"),
                 Err(e) => tracing::warn!(generation, path = %path.display(), error = %e, "export failed"),
             });

@@ -1,24 +1,32 @@
-//! Target `diff_decode`: the snapshot diff reader of `vsnap_block`. A diff arrives from outside
-//! (a file handed to `vsnap apply`, a chain given at start-up), so every byte is hostile.
+//! Target `diff_decode`: the snapshot diff reader of `vsnap_block`, both format versions. A diff
+//! arrives from outside (a file handed to `vsnap apply`, a chain given at start-up), so every
+//! byte is hostile.
 //!
 //! Input: one flags byte, then the file. The flags let the fuzzer past the checksums, which it
 //! could never forge byte by byte, to the structure behind them:
 //!
 //! - bit 0: set the header's data length field to `dirty_blocks x block_size`;
 //! - bit 1: recompute the header checksum;
-//! - bit 2: once the header decodes, cut or zero-pad the file to the size it describes;
-//! - bit 3: recompute the data chunk checksums in the chunk table;
-//! - bit 4: recompute the trailer (bitmap and table checksums, magic).
+//! - bit 2: once the header decodes, make the size agree: version 1 cuts or zero-pads the file
+//!   to the size its header describes; version 2 sets the trailer's stored length to what lies
+//!   between the bitmaps and an index of the trailer's frame count;
+//! - bit 3: version 1 recomputes the chunk checksums; version 2 makes every index entry start
+//!   where the one before ends and recomputes its checksums (the raw one by decompressing);
+//! - bit 4: recompute the trailer (bitmap and table or index checksums, trailer checksum, magic).
 //!
 //! The pure path, `DiffHeader::decode`, runs on the bytes directly; the rest goes through
 //! `DiffFile::open` on a temporary file (the reader has no in-memory entry point), then
-//! `verify`, the run iterator and `read_stored`, each checked against the file's own bytes.
+//! `verify`, the run iterator and `read_stored`, each checked against the harness's own reading
+//! of the file's bytes (version 2 frames decompressed here, independently).
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use uuid::Uuid;
-use vsnap_block::diff::{write_diff, DiffError, DiffFile, DiffHeader, HEADER_LEN, TRAILER_MAGIC};
+use vsnap_block::diff::{
+    v1, v2, write_diff, Codec, Compression, DiffError, DiffFile, DiffHeader, Frame, WriteOptions,
+    HEADER_LEN, MAX_FRAME_SIZE, TRAILER_MAGIC, VERSION, VERSION_1,
+};
 use vsnap_block::{BlockState, Geometry, Job, Tracker};
 
 const FIX_DATA_LEN: u8 = 1;
@@ -27,7 +35,6 @@ const FIX_SIZE: u8 = 4;
 const FIX_CHUNKS: u8 = 8;
 const FIX_TRAILER: u8 = 16;
 const FIX_ALL: u8 = 0x1f;
-const TRAILER: usize = 16;
 /// Files are padded up to this size at most (bigger headers stay short and fail the length
 /// check, which is fine: the reader is exercised on what fits).
 const MAX_FILE: u64 = 256 << 10;
@@ -42,6 +49,14 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
 }
 
+fn put32(b: &mut [u8], at: usize, v: u32) {
+    b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+}
+
+fn put64(b: &mut [u8], at: usize, v: u64) {
+    b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+}
+
 /// Applies the fix-ups `flags` asks for.
 fn fix_up(flags: u8, f: &mut Vec<u8>) {
     if f.len() < HEADER_LEN {
@@ -49,41 +64,129 @@ fn fix_up(flags: u8, f: &mut Vec<u8>) {
     }
     if flags & FIX_DATA_LEN != 0 {
         if let Some(n) = u64_at(f, 72).checked_mul(u64::from(u32_at(f, 16))) {
-            f[104..112].copy_from_slice(&n.to_le_bytes());
+            put64(f, 104, n);
         }
     }
     if flags & FIX_HEADER_CRC != 0 {
         let crc = crc32c::crc32c(&f[..124]);
-        f[124..128].copy_from_slice(&crc.to_le_bytes());
+        put32(f, 124, crc);
     }
     let Ok(h) = DiffHeader::decode(&f[..HEADER_LEN]) else {
         return;
     };
-    let len = h.file_len();
+    if h.version == VERSION_1 {
+        fix_up_v1(flags, &h, f);
+    } else {
+        fix_up_v2(flags, &h, f);
+    }
+}
+
+fn fix_up_v1(flags: u8, h: &DiffHeader, f: &mut Vec<u8>) {
+    let len = v1::file_len(h);
     if flags & FIX_SIZE != 0 && len <= MAX_FILE {
         f.resize(len as usize, 0);
     }
     if f.len() as u64 != len {
         return;
     }
-    let (data, table) = (h.data_offset() as usize, h.chunk_table_offset() as usize);
+    let (data, table) = (h.data_offset() as usize, v1::chunk_table_offset(h) as usize);
     if flags & FIX_CHUNKS != 0 {
-        let chunk = h.chunk_size as usize;
-        for i in 0..h.chunks() as usize {
+        let chunk = h.frame_size as usize;
+        for i in 0..v1::chunks(h) as usize {
             let start = data + i * chunk;
             let end = (start + chunk).min(table);
             let crc = crc32c::crc32c(&f[start..end]);
-            f[table + 4 * i..table + 4 * i + 4].copy_from_slice(&crc.to_le_bytes());
+            put32(f, table + 4 * i, crc);
         }
     }
     if flags & FIX_TRAILER != 0 {
-        let t = f.len() - TRAILER;
+        let t = f.len() - v1::TRAILER_LEN as usize;
         let bitmaps = crc32c::crc32c(&f[HEADER_LEN..data]);
         let chunks = crc32c::crc32c(&f[table..t]);
-        f[t..t + 4].copy_from_slice(&bitmaps.to_le_bytes());
-        f[t + 4..t + 8].copy_from_slice(&chunks.to_le_bytes());
+        put32(f, t, bitmaps);
+        put32(f, t + 4, chunks);
         f[t + 8..].copy_from_slice(TRAILER_MAGIC);
     }
+}
+
+fn fix_up_v2(flags: u8, h: &DiffHeader, f: &mut [u8]) {
+    let data = h.data_offset();
+    let tl = v2::TRAILER_LEN;
+    let len = f.len() as u64;
+    if len < data + tl {
+        return;
+    }
+    let t = (len - tl) as usize;
+    let frames = u64_at(f, t + 8);
+    // Where the index starts if the trailer's frame count is right.
+    let Some(index) = frames
+        .checked_mul(v2::ENTRY_LEN)
+        .and_then(|n| (len - tl).checked_sub(n))
+        .filter(|&i| i >= data)
+    else {
+        return;
+    };
+    if flags & FIX_SIZE != 0 {
+        put64(f, t, index - data);
+    }
+    let Some(stored_end) = data.checked_add(u64_at(f, t)) else {
+        return;
+    };
+    if flags & FIX_CHUNKS != 0 && stored_end == index {
+        let (mut raw, mut stored) = (0u64, data);
+        for i in 0..frames as usize {
+            let e = index as usize + i * v2::ENTRY_LEN as usize;
+            put64(f, e + 8, raw);
+            put64(f, e + 16, stored);
+            let (raw_len, stored_len) = (u32_at(f, e + 4), u32_at(f, e + 24));
+            raw += u64::from(raw_len);
+            stored += u64::from(stored_len);
+            if stored > stored_end {
+                break;
+            }
+            let bytes = &f[(stored - u64::from(stored_len)) as usize..stored as usize];
+            let stored_crc = crc32c::crc32c(bytes);
+            let raw_crc = match Codec::from_byte(f[e + 1]) {
+                Some(Codec::Zstd) => decompress(bytes, raw_len).map(|r| crc32c::crc32c(&r)),
+                _ => Some(stored_crc),
+            };
+            put32(f, e + 28, stored_crc);
+            if let Some(c) = raw_crc {
+                put32(f, e + 32, c);
+            }
+        }
+    }
+    if flags & FIX_TRAILER != 0 && stored_end <= index {
+        let bitmaps = crc32c::crc32c(&f[HEADER_LEN..data as usize]);
+        let ix = crc32c::crc32c(&f[index as usize..t]);
+        put32(f, t + 16, bitmaps);
+        put32(f, t + 20, ix);
+        put32(f, t + 24, 0);
+        let crc = crc32c::crc32c(&f[t..t + 28]);
+        put32(f, t + 28, crc);
+        f[t + 32..].copy_from_slice(TRAILER_MAGIC);
+    }
+}
+
+/// The harness's own reading of a zstd frame, with the reader's rules: exactly one zstd frame
+/// that declares `raw_len` bytes and holds them.
+fn decompress(stored: &[u8], raw_len: u32) -> Option<Vec<u8>> {
+    // The reader refuses bigger frames before decoding them; the harness must not allocate.
+    if raw_len > MAX_FRAME_SIZE {
+        return None;
+    }
+    let one_frame = zstd::zstd_safe::find_frame_compressed_size(stored).ok() == Some(stored.len());
+    let declared = zstd::zstd_safe::get_frame_content_size(stored)
+        .ok()
+        .flatten();
+    if !stored.starts_with(&[0x28, 0xb5, 0x2f, 0xfd])
+        || !one_frame
+        || declared != Some(u64::from(raw_len))
+    {
+        return None;
+    }
+    let raw = zstd::bulk::decompress(stored, raw_len as usize).ok()?;
+    (raw.len() == raw_len as usize).then_some(raw)
 }
 
 /// A scratch file per thread (the reader only opens paths).
@@ -131,11 +234,51 @@ pub fn diff_decode(data: &[u8]) {
     };
     let h = head.expect("an opened diff has a valid header");
     assert_eq!(d.header, h);
-    assert_eq!(f.len() as u64, h.file_len());
+    assert_eq!(f.len() as u64, d.file_len());
+    if h.version == VERSION_1 {
+        assert_eq!(f.len() as u64, v1::file_len(&h));
+    }
+    check_frames(&d);
     check_contents(&d, &f);
 }
 
-/// Everything the reader hands out agrees with the file's bytes.
+/// The frames tile the raw data and the stored bytes, in order, inside the file.
+fn check_frames(d: &DiffFile) {
+    let h = &d.header;
+    let (mut raw, mut stored) = (0u64, h.data_offset());
+    for fr in d.frames() {
+        assert_eq!((fr.raw_offset, fr.stored_offset), (raw, stored));
+        assert!(fr.raw_len > 0 && fr.raw_len <= h.frame_size);
+        assert!(u64::from(fr.raw_len).is_multiple_of(h.geometry.bs()));
+        if fr.codec == Codec::Stored {
+            assert_eq!((fr.stored_len, fr.stored_crc), (fr.raw_len, fr.raw_crc));
+        }
+        raw += u64::from(fr.raw_len);
+        stored += u64::from(fr.stored_len);
+    }
+    assert_eq!(raw, h.data_len());
+    assert!(stored <= d.file_len());
+    let st = d.data_stats();
+    assert_eq!(st.stored_bytes, stored - h.data_offset());
+    assert_eq!(st.frames as usize, d.frames().len());
+}
+
+/// A frame's raw bytes as the harness reads them: `None` when the reader must refuse it.
+/// `checked`: with the stored checksum verified (streaming) or not (random reads of raw frames
+/// are in place, unchecked, as version 1 always was).
+fn frame_bytes(f: &[u8], fr: &Frame, checked: bool) -> Option<Vec<u8>> {
+    let s = &f[fr.stored_offset as usize..(fr.stored_offset + u64::from(fr.stored_len)) as usize];
+    let crc_ok = crc32c::crc32c(s) == fr.stored_crc;
+    match fr.codec {
+        Codec::Stored => (crc_ok || !checked).then(|| s.to_vec()),
+        Codec::Zstd if crc_ok => {
+            decompress(s, fr.raw_len).filter(|r| crc32c::crc32c(r) == fr.raw_crc)
+        }
+        Codec::Zstd => None,
+    }
+}
+
+/// Everything the reader hands out agrees with the harness's reading of the file's bytes.
 fn check_contents(d: &DiffFile, f: &[u8]) {
     let h = &d.header;
     let g = d.geometry();
@@ -147,25 +290,38 @@ fn check_contents(d: &DiffFile, f: &[u8]) {
     for m in [t.dirty().max(), t.zero().max()].into_iter().flatten() {
         assert!(u64::from(m) < blocks, "block {m} past the device end");
     }
-    // Dirty block number `rank` (0-based) is stored at data_offset + rank * bs.
-    let stored = |rank: u64, block: u64| {
-        let (s, e) = g.block_span(block);
-        let at = (h.data_offset() + rank * bs) as usize;
-        &f[at..at + (e - s) as usize]
-    };
+    let frames = d.frames();
+    // Dirty block number `rank` (0-based) is raw byte rank * bs, in the frame covering it.
+    let frame_of = |rank: u64| frames.partition_point(|fr| fr.raw_end() <= rank * bs);
+    let unchecked: Vec<Option<Vec<u8>>> =
+        frames.iter().map(|fr| frame_bytes(f, fr, false)).collect();
     for (rank, b) in t.dirty().iter().take(READ_BACK).enumerate() {
-        let b = u64::from(b);
+        let (b, rank) = (u64::from(b), rank as u64);
         assert_eq!(d.state(b), BlockState::Dirty);
         let (s, e) = g.block_span(b);
         let mut buf = vec![0u8; (e - s) as usize];
-        d.read_stored(s, &mut buf).expect("read a dirty block");
-        assert_eq!(buf, stored(rank as u64, b), "block {b} read back wrong");
+        let i = frame_of(rank);
+        let r = d.read_stored(s, &mut buf);
+        match &unchecked[i] {
+            Some(raw) => {
+                r.unwrap_or_else(|e| panic!("read of dirty block {b}: {e}"));
+                let at = (rank * bs - frames[i].raw_offset) as usize;
+                assert_eq!(buf, raw[at..at + buf.len()], "block {b} read back wrong");
+            }
+            None => assert!(
+                matches!(r, Err(DiffError::Frame { frame, .. }) if frame == i),
+                "block {b} of a bad frame read as {r:?}"
+            ),
+        }
     }
     if let Some(z) = t.zero().min() {
         let mut buf = vec![0u8; 1];
         assert!(d.read_stored(u64::from(z) * bs, &mut buf).is_err());
     }
-    // Streaming: checksummed runs, in order, covering exactly the dirty blocks.
+    // Streaming: checked frames, runs in order, covering exactly the dirty blocks, up to the
+    // first bad frame.
+    let checked: Vec<Option<Vec<u8>>> = frames.iter().map(|fr| frame_bytes(f, fr, true)).collect();
+    let first_bad = checked.iter().position(Option::is_none);
     let mut next_rank = 0u64;
     let mut last_end = 0u64;
     let r = d.for_each_dirty_run(&Job::new(), |off, bytes| {
@@ -178,95 +334,119 @@ fn check_contents(d: &DiffFile, f: &[u8]) {
                 t.dirty().contains(b as u32),
                 "run covers a block that is not dirty"
             );
-            let want = stored(next_rank, b);
-            assert_eq!(&bytes[o..o + want.len()], want, "run bytes of block {b}");
-            o += want.len();
+            let i = frame_of(next_rank);
+            assert!(first_bad.is_none_or(|bad| i < bad), "data of a bad frame");
+            let raw = checked[i].as_ref().expect("a good frame");
+            let at = (next_rank * bs - frames[i].raw_offset) as usize;
+            let (s, e) = g.block_span(b);
+            let n = (e - s) as usize;
+            assert_eq!(&bytes[o..o + n], &raw[at..at + n], "run bytes of block {b}");
+            o += n;
             next_rank += 1;
         }
         last_end = off + bytes.len() as u64;
         Ok(())
     });
-    match r {
-        Ok(()) => assert_eq!(next_rank, h.dirty_blocks, "runs missed dirty blocks"),
-        Err(DiffError::Checksum(_) | DiffError::Corrupt(_)) => {}
-        Err(e) => panic!("streaming a diff failed with {e}"),
+    match (r, first_bad) {
+        (Ok(()), None) => assert_eq!(next_rank, h.dirty_blocks, "runs missed dirty blocks"),
+        (Err(DiffError::Frame { frame, .. }), Some(bad)) => assert_eq!(frame, bad),
+        (r, bad) => panic!("streaming ended with {r:?}; the first bad frame is {bad:?}"),
     }
 }
 
 /// Device size, block size, and block ranges in a state.
 type Shape = (u64, u32, &'static [(u32, u32, BlockState)]);
 
-/// Real diffs, written by `write_diff`, of a few shapes.
+const SHAPES: &[Shape] = &[
+    // 64 KiB of 512-byte blocks: dirty runs, a zero run, the last block.
+    (
+        64 << 10,
+        512,
+        &[
+            (0, 3, BlockState::Dirty),
+            (5, 9, BlockState::Zero),
+            (10, 11, BlockState::Dirty),
+            (127, 128, BlockState::Dirty),
+        ],
+    ),
+    // A size that is not a multiple of the block size: the last block is short.
+    (
+        3 * 4096 + 512,
+        4096,
+        &[(0, 1, BlockState::Zero), (3, 4, BlockState::Dirty)],
+    ),
+    // Nothing changed.
+    (1 << 20, 4096, &[]),
+    // Only zeros.
+    (1 << 20, 4096, &[(0, 256, BlockState::Zero)]),
+    // Alternating blocks: many runs, a bitmap that is not a run container.
+    (
+        64 << 10,
+        512,
+        &[
+            (1, 2, BlockState::Dirty),
+            (3, 4, BlockState::Dirty),
+            (5, 6, BlockState::Zero),
+            (7, 8, BlockState::Dirty),
+            (9, 10, BlockState::Zero),
+            (64, 70, BlockState::Dirty),
+        ],
+    ),
+];
+
+/// Seed data: fills a buffer with the device bytes at an offset.
+type Fill<'a> = dyn Fn(u64, &mut [u8]) -> Result<(), DiffError> + 'a;
+
+/// Writes shape `i` as `opts` say with the data `fill` gives.
+fn seed_file(dir: &std::path::Path, i: usize, opts: &WriteOptions, fill: &Fill<'_>) -> Vec<u8> {
+    let (size, bs, ranges) = SHAPES[i];
+    let g = Geometry::new(size, bs).expect("seed geometry");
+    let mut t = Tracker::new();
+    for &(s, e, st) in ranges {
+        t.set_range(s, e, st);
+    }
+    let p = dir.join(format!("{i}-{}-{}.vsnap", opts.version, opts.compression));
+    let parent = if i.is_multiple_of(2) {
+        Uuid::nil()
+    } else {
+        Uuid::from_u128(0x1234)
+    };
+    let id = Uuid::from_u128(i as u128 + 1);
+    write_diff(
+        &p,
+        false,
+        g,
+        i as u64 + 1,
+        id,
+        parent,
+        &t,
+        &fill,
+        opts,
+        &Job::new(),
+    )
+    .expect("write seed diff");
+    std::fs::read(&p).expect("read seed diff")
+}
+
+/// Real diffs, written by `write_diff`, of a few shapes: version 1 (the seeds from before
+/// version 2, unchanged), then version 2 raw and zstd-compressed in frames of two blocks, some
+/// of them noise that stays raw.
 pub fn seeds() -> Vec<Vec<u8>> {
     let dir = tempfile::tempdir().expect("seed dir");
     let mut out = Vec::new();
-    let shapes: &[Shape] = &[
-        // 64 KiB of 512-byte blocks: dirty runs, a zero run, the last block.
-        (
-            64 << 10,
-            512,
-            &[
-                (0, 3, BlockState::Dirty),
-                (5, 9, BlockState::Zero),
-                (10, 11, BlockState::Dirty),
-                (127, 128, BlockState::Dirty),
-            ],
-        ),
-        // A size that is not a multiple of the block size: the last block is short.
-        (
-            3 * 4096 + 512,
-            4096,
-            &[(0, 1, BlockState::Zero), (3, 4, BlockState::Dirty)],
-        ),
-        // Nothing changed.
-        (1 << 20, 4096, &[]),
-        // Only zeros.
-        (1 << 20, 4096, &[(0, 256, BlockState::Zero)]),
-        // Alternating blocks: many runs, a bitmap that is not a run container.
-        (
-            64 << 10,
-            512,
-            &[
-                (1, 2, BlockState::Dirty),
-                (3, 4, BlockState::Dirty),
-                (5, 6, BlockState::Zero),
-                (7, 8, BlockState::Dirty),
-                (9, 10, BlockState::Zero),
-                (64, 70, BlockState::Dirty),
-            ],
-        ),
-    ];
-    for (i, (size, bs, ranges)) in shapes.iter().enumerate() {
-        let g = Geometry::new(*size, *bs).expect("seed geometry");
-        let mut t = Tracker::new();
-        for &(s, e, st) in *ranges {
-            t.set_range(s, e, st);
+    let periodic = |off: u64, buf: &mut [u8]| -> Result<(), DiffError> {
+        for (j, b) in buf.iter_mut().enumerate() {
+            *b = ((off + j as u64) % 251) as u8 | 1;
         }
-        let p = dir.path().join(format!("{i}.vsnap"));
-        let fill = |off: u64, buf: &mut [u8]| -> Result<(), DiffError> {
-            for (j, b) in buf.iter_mut().enumerate() {
-                *b = ((off + j as u64) % 251) as u8 | 1;
-            }
-            Ok(())
-        };
-        let parent = if i % 2 == 0 {
-            Uuid::nil()
-        } else {
-            Uuid::from_u128(0x1234)
-        };
-        write_diff(
-            &p,
-            false,
-            g,
-            i as u64 + 1,
-            Uuid::from_u128(i as u128 + 1),
-            parent,
-            &t,
-            &fill,
-            &Job::new(),
-        )
-        .expect("write seed diff");
-        let file = std::fs::read(&p).expect("read seed diff");
+        Ok(())
+    };
+    let v1 = WriteOptions {
+        version: VERSION_1,
+        compression: Compression::None,
+        ..WriteOptions::default()
+    };
+    for i in 0..SHAPES.len() {
+        let file = seed_file(dir.path(), i, &v1, &periodic);
         out.push([&[0u8][..], &file].concat());
         out.push([&[FIX_ALL][..], &file].concat());
     }
@@ -274,6 +454,32 @@ pub fn seeds() -> Vec<Vec<u8>> {
     let mut small_chunks = out[0][1..].to_vec();
     small_chunks[112..116].copy_from_slice(&1024u32.to_le_bytes());
     out.push([&[FIX_ALL][..], &small_chunks].concat());
+
+    // Every third block noise (xorshift of its offset), the rest periodic.
+    let mixed = |off: u64, buf: &mut [u8]| -> Result<(), DiffError> {
+        periodic(off, buf)?;
+        for (j, b) in buf.iter_mut().enumerate() {
+            let at = off + j as u64;
+            if (at / 512) % 3 == 1 {
+                let mut x = at.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *b = (x >> 32) as u8;
+            }
+        }
+        Ok(())
+    };
+    for (i, &(_, bs, _)) in SHAPES.iter().enumerate() {
+        let raw = WriteOptions::new(Compression::None);
+        let zstd = WriteOptions {
+            frame_size: 2 * bs,
+            ..WriteOptions::new(Compression::Zstd(3))
+        };
+        debug_assert_eq!(zstd.version, VERSION);
+        out.push([&[0u8][..], &seed_file(dir.path(), i, &raw, &mixed)].concat());
+        out.push([&[FIX_ALL][..], &seed_file(dir.path(), i, &zstd, &mixed)].concat());
+    }
     out
 }
 
@@ -284,41 +490,82 @@ pub const DICT: &[&[u8]] = &[
     &[0x3b, 0x30, 0, 0],
     &[0, 2, 0, 0],
     &[0, 0x10, 0, 0],
+    // Version 2, the zstd frame magic, index entry kinds and codecs.
+    &[2, 0, 0, 0],
+    &[0x28, 0xb5, 0x2f, 0xfd],
+    &[0, 1, 0, 0],
+    &[1, 0, 0, 0],
 ];
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn opened(s: &[u8]) -> (DiffFile, Vec<u8>) {
+        let mut f = s[1..].to_vec();
+        fix_up(s[0], &mut f);
+        let p = scratch_file();
+        std::fs::write(&p, &f).unwrap();
+        (DiffFile::open(&p).unwrap(), f)
+    }
+
     #[test]
     fn seeds_open_and_verify() {
-        for s in seeds() {
-            let mut f = s[1..].to_vec();
-            fix_up(s[0], &mut f);
-            let p = scratch_file();
-            std::fs::write(&p, &f).unwrap();
-            let d = DiffFile::open(&p).unwrap();
+        let seeds = seeds();
+        let mut versions = [0, 0];
+        let mut zstd_frames = 0;
+        for s in &seeds {
+            let (d, _) = opened(s);
             d.verify(&Job::new()).unwrap();
-            diff_decode(&s);
+            versions[(d.header.version - 1) as usize] += 1;
+            zstd_frames += d.data_stats().zstd_frames;
+            diff_decode(s);
         }
+        assert_eq!(versions, [11, 10]);
+        assert!(zstd_frames > 0);
     }
 
     #[test]
     fn fix_ups_repair_what_they_cover() {
-        let s = &seeds()[0];
-        let mut f = s[1..].to_vec();
-        // Damage a data byte: verify fails until the chunk table and trailer are recomputed.
-        let data = DiffHeader::decode(&f).unwrap().data_offset() as usize;
-        f[data] ^= 0xff;
+        let seeds = seeds();
+        // Version 1: damage a data byte; verify fails until the chunk table and trailer are
+        // recomputed.
+        let (d, mut f) = opened(&seeds[0]);
+        f[d.header.data_offset() as usize] ^= 0xff;
         let p = scratch_file();
         std::fs::write(&p, &f).unwrap();
-        let d = DiffFile::open(&p).unwrap();
-        assert!(matches!(
-            d.verify(&Job::new()),
-            Err(DiffError::Checksum("data"))
-        ));
+        let e = DiffFile::open(&p).unwrap().verify(&Job::new()).unwrap_err();
+        assert!(matches!(e, DiffError::Frame { frame: 0, .. }), "{e}");
         fix_up(FIX_CHUNKS | FIX_TRAILER, &mut f);
         std::fs::write(&p, &f).unwrap();
         DiffFile::open(&p).unwrap().verify(&Job::new()).unwrap();
+
+        // Version 2: grow a compressed frame by a byte; open fails until sizes, entries and
+        // trailer are fixed, and then the damaged frame is what verify names.
+        let s = seeds
+            .iter()
+            .find(|s| opened(s).0.data_stats().zstd_frames > 1)
+            .expect("a seed with compressed frames");
+        let (d, f) = opened(s);
+        let fr = *d
+            .frames()
+            .iter()
+            .find(|fr| fr.codec == Codec::Zstd)
+            .unwrap();
+        let i = d.frames().iter().position(|x| *x == fr).unwrap();
+        let at = (fr.stored_offset + u64::from(fr.stored_len)) as usize;
+        let mut g = [&f[..at], &[0u8][..], &f[at..]].concat();
+        let ix = g.len() - v2::TRAILER_LEN as usize - d.frames().len() * v2::ENTRY_LEN as usize;
+        let e = ix + i * v2::ENTRY_LEN as usize;
+        put32(&mut g, e + 24, fr.stored_len + 1);
+        std::fs::write(&p, &g).unwrap();
+        assert!(DiffFile::open(&p).is_err());
+        fix_up(FIX_SIZE | FIX_CHUNKS | FIX_TRAILER, &mut g);
+        std::fs::write(&p, &g).unwrap();
+        let e = DiffFile::open(&p).unwrap().verify(&Job::new()).unwrap_err();
+        assert!(
+            matches!(e, DiffError::Frame { frame, .. } if frame == i),
+            "{e}"
+        );
     }
 }

@@ -1,18 +1,27 @@
 //! The vsnap diff: one layer's dirty and zero bitmaps plus the dirty blocks' bytes, in a
-//! self-describing, checksummed file (docs/diff-format.md), and the tools over it.
+//! self-describing, checksummed file (docs/diff-format.md), and the tools over it. Version 2
+//! stores the bytes as independently compressed frames with an index, so one block is read by
+//! decoding one frame; version 1 (raw bytes, per-chunk checksums) is still read everywhere.
 
 mod apply;
+mod cache;
 mod file;
 mod format;
+mod frame;
 pub mod qcow2;
 mod squash;
+pub mod v1;
+pub mod v2;
 mod write;
 
 pub use apply::{apply, apply_to, check_chain, check_root, ChainRoot};
-pub use file::DiffFile;
-pub use format::{DiffHeader, CHUNK_SIZE, HEADER_LEN, MAGIC, TRAILER_MAGIC, VERSION};
-pub use squash::squash;
-pub use write::{write_diff, BlockSource};
+pub use file::{DataStats, DiffFile};
+pub use format::{
+    DiffHeader, FRAME_SIZE, HEADER_LEN, MAGIC, MAX_FRAME_SIZE, TRAILER_MAGIC, VERSION, VERSION_1,
+};
+pub use frame::{Codec, Compression, Frame, FrameProblem};
+pub use squash::{squash, squash_with};
+pub use write::{write_diff, BlockSource, WriteOptions};
 
 use std::io;
 
@@ -20,12 +29,26 @@ use std::io;
 pub enum DiffError {
     #[error("not a vsnap diff (bad magic)")]
     BadMagic,
-    #[error("unsupported diff version {0} (this build reads version {VERSION})")]
+    #[error("unsupported diff version {0} (this build reads versions {VERSION_1} and {VERSION})")]
     Version(u32),
-    #[error("truncated or overlong: the header describes {expected} bytes, the file has {actual}")]
+    #[error("truncated or overlong: the diff describes {expected} bytes, the file has {actual}")]
     Length { expected: u64, actual: u64 },
     #[error("checksum mismatch in the {0}")]
     Checksum(&'static str),
+    #[error("trailer magic missing (truncated?)")]
+    NoTrailer,
+    #[error("frame index: {0}")]
+    Index(String),
+    #[error("frame {frame} (raw data offset {raw_offset}): {problem}")]
+    Frame {
+        frame: usize,
+        raw_offset: u64,
+        problem: FrameProblem,
+    },
+    #[error("{0}: this build does not read it")]
+    Unsupported(String),
+    #[error("invalid write options: {0}")]
+    Options(String),
     #[error("corrupt: {0}")]
     Corrupt(String),
     #[error("{what} mismatch: expected {expected}, found {found}")]

@@ -5,18 +5,30 @@ use std::path::{Path, PathBuf};
 use uuid::Uuid;
 
 use super::apply::open_chain;
-use super::{write_diff, DiffError, DiffFile, DiffHeader};
+use super::{write_diff, DiffError, DiffFile, DiffHeader, WriteOptions};
 use crate::job::Job;
 use crate::tracker::{BlockState, Tracker};
 
+/// [`squash_with`] the default options (version 2, zstd level 3).
 pub fn squash(
     diffs: &[PathBuf],
     out: &Path,
     overwrite: bool,
     job: &Job,
 ) -> Result<DiffHeader, DiffError> {
+    squash_with(diffs, out, overwrite, &WriteOptions::default(), job)
+}
+
+/// Squashes `diffs` (oldest first, either version) into `out`, written as `opts` say.
+pub fn squash_with(
+    diffs: &[PathBuf],
+    out: &Path,
+    overwrite: bool,
+    opts: &WriteOptions,
+    job: &Job,
+) -> Result<DiffHeader, DiffError> {
     let (diffs, g) = open_chain(diffs)?;
-    // Data is read back at random below, so check every input's checksums first.
+    // Data is read back at random below (raw frames unchecked), so check every input first.
     for d in &diffs {
         d.verify(&Job::new())?;
     }
@@ -60,6 +72,7 @@ pub fn squash(
         first.header.parent,
         &merged,
         &source,
+        opts,
         job,
     )
 }

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::{Arc, PoisonError};
 
 use super::Disk;
-use crate::diff::{self, write_diff, ChainRoot, DiffError};
+use crate::diff::{self, write_diff, ChainRoot, Compression, DiffError, WriteOptions};
 use crate::error::{BlockError, IoContext, Result};
 use crate::fsutil::AtomicFile;
 use crate::job::Job;
@@ -69,7 +69,8 @@ impl Disk {
     }
 
     /// Writes frozen `generation` as a vsnap diff to `path` (or a qcow2 overlay over
-    /// `qcow2_backing`). The guest keeps running: a frozen layer never changes.
+    /// `qcow2_backing`) with the default [`WriteOptions`] (version 2, zstd level 3). The guest
+    /// keeps running: a frozen layer never changes.
     pub fn run_export(
         &self,
         generation: u64,
@@ -77,8 +78,21 @@ impl Disk {
         qcow2_backing: Option<&Path>,
         job: &Job,
     ) -> Result<diff::DiffHeader> {
+        let opts = WriteOptions::default();
+        self.run_export_with(generation, path, qcow2_backing, &opts, job)
+    }
+
+    /// [`Disk::run_export`], the diff written as `opts` say (a qcow2 overlay ignores them).
+    pub fn run_export_with(
+        &self,
+        generation: u64,
+        path: &Path,
+        qcow2_backing: Option<&Path>,
+        opts: &WriteOptions,
+        job: &Job,
+    ) -> Result<diff::DiffHeader> {
         let (entry, _) = self.frozen_entry(generation)?;
-        let r = self.export_entry(&entry, path, qcow2_backing, job);
+        let r = self.export_entry(&entry, path, qcow2_backing, opts, job);
         // The temporary files are gone (committed or removed) by now.
         PendingExports::remove(&self.dir, generation);
         *entry.export_state() = match &r {
@@ -104,15 +118,26 @@ impl Disk {
         r
     }
 
-    /// Exports synchronously (start + run).
+    /// Exports synchronously (start + run), with the default [`WriteOptions`].
     pub fn export(
         &self,
         generation: u64,
         path: &Path,
         qcow2_backing: Option<&Path>,
     ) -> Result<diff::DiffHeader> {
+        self.export_with(generation, path, qcow2_backing, &WriteOptions::default())
+    }
+
+    /// Exports synchronously, the diff written as `opts` say.
+    pub fn export_with(
+        &self,
+        generation: u64,
+        path: &Path,
+        qcow2_backing: Option<&Path>,
+        opts: &WriteOptions,
+    ) -> Result<diff::DiffHeader> {
         let job = self.start_export(generation, path)?;
-        self.run_export(generation, path, qcow2_backing, &job)
+        self.run_export_with(generation, path, qcow2_backing, opts, &job)
     }
 
     fn export_entry(
@@ -120,11 +145,12 @@ impl Disk {
         e: &Entry,
         path: &Path,
         qcow2_backing: Option<&Path>,
+        opts: &WriteOptions,
         job: &Job,
     ) -> Result<diff::DiffHeader> {
         let tracker = e.layer.tracker().clone();
         let source = LayerSource(&e.layer);
-        let diff_to = |p: &Path, overwrite: bool| {
+        let diff_to = |p: &Path, overwrite: bool, opts: &WriteOptions| {
             write_diff(
                 p,
                 overwrite,
@@ -134,16 +160,22 @@ impl Disk {
                 e.parent,
                 &tracker,
                 &source,
+                opts,
                 job,
             )
         };
         let Some(backing) = qcow2_backing else {
-            return Ok(diff_to(path, false)?);
+            return Ok(diff_to(path, false, opts)?);
         };
-        // qcow2: through a temporary diff, which the converter streams and verifies.
+        // qcow2: through a temporary diff, which the converter streams and verifies; raw, as
+        // compressing it would only cost time.
         let tmp = AtomicFile::create(path, false).ctx(|| format!("create {}", path.display()))?;
         let tmp_diff = tmp.temp_path().with_extension("vsnapdiff");
-        let r = diff_to(&tmp_diff, true).and_then(|h| {
+        let raw = WriteOptions {
+            compression: Compression::None,
+            ..*opts
+        };
+        let r = diff_to(&tmp_diff, true, &raw).and_then(|h| {
             // A generation above the first lies on the one below, not on the base: `backing`
             // is the caller's image of that parent.
             diff::qcow2::to_qcow2_over(&tmp_diff, backing, ChainRoot::Foreign, path, false, job)
