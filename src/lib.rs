@@ -3,6 +3,7 @@
 
 pub mod cmd;
 pub mod progress;
+pub mod remote;
 pub mod service;
 pub mod size;
 

@@ -10,24 +10,31 @@ use std::time::Duration;
 use indicatif::{ProgressBar, ProgressStyle};
 use vsnap_block::Job;
 
+const TEMPLATE: &str = "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}";
+
+/// A byte-count bar on a terminal (hidden otherwise), for transfers that report their own
+/// progress; `total` 0 if unknown.
+pub fn bytes(what: &str, total: u64) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let b = ProgressBar::new(total);
+    b.set_style(
+        ProgressStyle::with_template(TEMPLATE)
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    b.set_message(what.to_string());
+    b
+}
+
 pub fn run<T: Send>(what: &str, job: &Job, work: impl FnOnce() -> T + Send) -> anyhow::Result<T> {
     let interrupted = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, interrupted.clone())?;
     }
     let tty = std::io::stderr().is_terminal();
-    let bar = tty.then(|| {
-        let b = ProgressBar::new(0);
-        b.set_style(
-            ProgressStyle::with_template(
-                "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-            )
-            .expect("static template")
-            .progress_chars("=> "),
-        );
-        b.set_message(what.to_string());
-        b
-    });
+    let bar = tty.then(|| bytes(what, 0));
     let mut last_json = std::time::Instant::now();
     let out = std::thread::scope(|s| {
         let h = s.spawn(work);

@@ -42,7 +42,8 @@ pub struct BlkArgs {
     /// Where layers and their bitmaps live [default: SOCKET.state next to the socket].
     #[arg(long)]
     state_dir: Option<PathBuf>,
-    /// Diffs to start from, oldest first, applied over the base (when the state dir is new).
+    /// Diffs to start from, oldest first, applied over the base (when the state dir is new):
+    /// paths or object-storage URLs (s3://, gs://, az://; fetched once into the state dir).
     #[arg(long = "chain")]
     chain: Vec<PathBuf>,
     /// Accept a first --chain diff that does not lie on the base (its parent is another diff):
@@ -197,7 +198,8 @@ fn run_on(
     o.base = a.base.clone();
     o.size = a.size;
     o.block_size = a.block_size;
-    o.chain = a.chain.clone();
+    // Diffs in object storage are read through copies kept in the state dir.
+    o.chain = crate::remote::inputs(&a.chain, &state_dir.join("remote-cache"))?;
     o.readonly = a.readonly;
     if a.allow_foreign_parent {
         o.chain_root = vsnap_block::diff::ChainRoot::Foreign;
@@ -245,7 +247,8 @@ fn run_on(
     let stop_api = match &a.api_socket {
         Some(p) => {
             let status = device_status(backend.clone(), socket);
-            let api = vsnap_control::Api::new(disk.clone(), status);
+            let api = vsnap_control::Api::new(disk.clone(), status)
+                .with_upload_dir(state_dir.join("uploads"));
             let stop = vsnap_control::spawn(p, api)
                 .with_context(|| format!("control socket {}", p.display()))?;
             tracing::info!(api_socket = %p.display(), "control API listening");

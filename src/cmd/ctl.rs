@@ -126,7 +126,11 @@ pub fn run(a: CtlArgs) -> anyhow::Result<()> {
             frame_size,
             wait,
         } => {
-            let path = std::path::absolute(path)?;
+            // A URL (object storage) goes as it is; a path is made absolute for the daemon.
+            let path = match path.to_str() {
+                Some(url) if vsnap_remote::is_url(url) => path.clone(),
+                _ => std::path::absolute(path)?,
+            };
             let mut body = json!({ "path": path, "format": format, "compression": compression });
             if let Some(f) = frame_size {
                 body["frame_size"] = json!(f);

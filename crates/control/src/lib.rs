@@ -8,6 +8,7 @@
 pub mod api;
 pub mod http;
 pub mod routes;
+pub mod upload;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -1,5 +1,6 @@
 //! Request routing: method + path → an operation on the disk, answered in JSON.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
@@ -11,6 +12,7 @@ use crate::api::{
     CutRequest, DeviceStatus, ExportFormat, ExportRequest, ExportStatus, FoldRequest,
 };
 use crate::http::{Request, Response};
+use crate::upload::Uploads;
 
 /// Supplies the device's live status (connection, queues, faults) to the API.
 pub type StatusFn = Arc<dyn Fn() -> DeviceStatus + Send + Sync>;
@@ -18,6 +20,10 @@ pub type StatusFn = Arc<dyn Fn() -> DeviceStatus + Send + Sync>;
 pub struct Api {
     disk: Arc<Disk>,
     status: StatusFn,
+    /// Where exports to object storage are written before they are uploaded; without one,
+    /// such exports are refused.
+    upload_dir: Option<PathBuf>,
+    uploads: Arc<Uploads>,
 }
 
 fn parse<T: DeserializeOwned + Default>(body: &[u8]) -> Result<T, Response> {
@@ -50,7 +56,28 @@ fn export_status(l: &LayerInfo) -> ExportStatus {
 
 impl Api {
     pub fn new(disk: Arc<Disk>, status: StatusFn) -> Self {
-        Self { disk, status }
+        Self {
+            disk,
+            status,
+            upload_dir: None,
+            uploads: Arc::default(),
+        }
+    }
+
+    /// Accepts exports to object-storage URLs, staging them in `dir` (created if needed).
+    pub fn with_upload_dir(mut self, dir: PathBuf) -> Self {
+        self.upload_dir = Some(dir);
+        self
+    }
+
+    /// The layers, as the API reports them.
+    fn layers(&self) -> Vec<LayerInfo> {
+        self.disk
+            .info()
+            .layers
+            .into_iter()
+            .map(|l| self.uploads.overlay(l))
+            .collect()
     }
 
     pub fn handle(&self, req: &Request) -> Response {
@@ -61,9 +88,7 @@ impl Api {
             ("GET", ["api", "v1", "stats"]) => Ok(self.stats()),
             ("GET", ["metrics"]) => Ok(self.metrics()),
             ("POST", ["api", "v1", "cut"]) => self.cut(&req.body),
-            ("GET", ["api", "v1", "generations"]) => {
-                Ok(Response::json(200, &self.disk.info().layers))
-            }
+            ("GET", ["api", "v1", "generations"]) => Ok(Response::json(200, &self.layers())),
             ("GET", ["api", "v1", "generations", g]) => {
                 self.generation(g).map(|l| Response::json(200, &l))
             }
@@ -247,9 +272,7 @@ impl Api {
         let g: u64 = g
             .parse()
             .map_err(|_| Response::error(400, format!("generation {g:?} is not a number")))?;
-        self.disk
-            .info()
-            .layers
+        self.layers()
             .into_iter()
             .find(|l| l.generation == g)
             .ok_or_else(|| Response::error(404, format!("generation {g} does not exist")))
@@ -265,6 +288,9 @@ impl Api {
         }
         let r: ExportRequest = serde_json::from_slice(body)
             .map_err(|e| Response::error(400, format!("invalid JSON body: {e}")))?;
+        if let Some(url) = r.path.to_str().filter(|p| vsnap_remote::is_url(p)) {
+            return self.export_to_url(layer.generation, url, &r);
+        }
         if !r.path.is_absolute() {
             return Err(Response::error(400, "\"path\" must be absolute"));
         }
@@ -308,6 +334,64 @@ impl Api {
         Ok(Response::json(202, &export_status(&now)))
     }
 
+    /// An export to object storage: written to the upload directory, then uploaded
+    /// (crate::upload).
+    fn export_to_url(
+        &self,
+        generation: u64,
+        url: &str,
+        r: &ExportRequest,
+    ) -> Result<Response, Response> {
+        let Some(dir) = &self.upload_dir else {
+            return Err(Response::error(
+                400,
+                "this daemon exports to local paths only (it has no upload directory)",
+            ));
+        };
+        if r.format != ExportFormat::Vsnap {
+            return Err(Response::error(400, "qcow2 exports go to local paths"));
+        }
+        let object = match vsnap_remote::Location::parse(url) {
+            Ok(vsnap_remote::Location::Object(o)) => o,
+            Ok(vsnap_remote::Location::Local(_)) => unreachable!("is_url said it is a URL"),
+            Err(e) => return Err(Response::error(400, e)),
+        };
+        if self.uploads.running(generation) {
+            return Err(Response::error(
+                409,
+                format!("generation {generation} is being uploaded already"),
+            ));
+        }
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Response::error(500, format!("{}: {e}", dir.display())))?;
+        let local = dir.join(format!("gen-{generation}-{}.diff", std::process::id()));
+        let _ = std::fs::remove_file(&local);
+        let mut opts = WriteOptions::new(r.compression);
+        if let Some(f) = r.frame_size {
+            opts.frame_size = f;
+        }
+        let job = self
+            .disk
+            .start_export(generation, &local)
+            .map_err(block_error)?;
+        self.uploads.begin(generation, url.to_owned());
+        let (disk, uploads) = (self.disk.clone(), self.uploads.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("vsnap-upload-{generation}"))
+            .spawn(move || match disk.run_export_with(generation, &local, None, &opts, &job) {
+                Ok(_) => uploads.upload(generation, &local, &object),
+                Err(e) => uploads.fail(generation, e.to_string()),
+            });
+        if let Err(e) = spawned {
+            let msg = format!("cannot start the export thread: {e}");
+            self.disk.abort_export(generation, &msg);
+            self.uploads.fail(generation, msg.clone());
+            return Err(Response::error(500, msg));
+        }
+        let now = self.generation(&generation.to_string())?;
+        Ok(Response::json(202, &export_status(&now)))
+    }
+
     fn cancel(&self, g: &str) -> Result<Response, Response> {
         let l = self.generation(g)?;
         self.disk.cancel_export(l.generation).map_err(block_error)?;
@@ -321,6 +405,6 @@ impl Api {
         let l = self.generation(g)?;
         let r: FoldRequest = parse(body)?;
         self.disk.fold(l.generation, r.force).map_err(block_error)?;
-        Ok(Response::json(200, &self.disk.info().layers))
+        Ok(Response::json(200, &self.layers()))
     }
 }

@@ -239,6 +239,20 @@ fn bad_requests() {
         (
             "POST",
             "/api/v1/generations/1/export",
+            Some(json!({"path": "s3://bucket/x.diff"})),
+            400,
+            "local paths only",
+        ),
+        (
+            "POST",
+            "/api/v1/generations/1/export",
+            Some(json!({"path": "/tmp/x.diff", "compression": "brotli"})),
+            400,
+            "invalid JSON body",
+        ),
+        (
+            "POST",
+            "/api/v1/generations/1/export",
             Some(json!({"path": existing})),
             409,
             "already exists",
