@@ -58,7 +58,7 @@ guest:
 	KILL9=1 tests/guest/reconnect.sh
 	WRITE_THROUGH=1 tests/guest/reconnect.sh
 	tests/guest/libvirt.sh
-	bench/economy.sh --check zero-file/default fill-delete/fstrim
+	bench/economy.sh --check zero-file/default fill-delete/fstrim mixed/fstrim
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -24,6 +24,15 @@ else
         --ioengine=psync --randrepeat=1 --refill_buffers --output=/dev/null ;;
     read-tree) # read every file of the tree once
       find /mnt/tree -type f -exec cat {} + > /dev/null ;;
+    mixed) # what a user does: install real binaries, write text and random data, copy 40 MiB of
+      # a file the disk holds and delete the original
+      mkdir /mnt/installed && cp -a /bin /mnt/installed/
+      seq 1 400000 > /mnt/numbers.txt
+      find /mnt/tree -type f -exec cat {} + > /mnt/notes.txt
+      dd if=/dev/urandom of=/mnt/user.bin bs=1M count=16 2>/dev/null
+      dd if=/mnt/big of=/mnt/copy bs=1M count=40 2>/dev/null
+      sync
+      rm /mnt/big ;;
     *) echo "unknown workload $WORKLOAD"; exit 2 ;;
   esac
 fi
