@@ -378,10 +378,12 @@ impl Api {
         let (disk, uploads) = (self.disk.clone(), self.uploads.clone());
         let spawned = std::thread::Builder::new()
             .name(format!("vsnap-upload-{generation}"))
-            .spawn(move || match disk.run_export_with(generation, &local, None, &opts, &job) {
-                Ok(_) => uploads.upload(generation, &local, &object),
-                Err(e) => uploads.fail(generation, e.to_string()),
-            });
+            .spawn(
+                move || match disk.run_export_with(generation, &local, None, &opts, &job) {
+                    Ok(_) => uploads.upload(generation, &local, &object),
+                    Err(e) => uploads.fail(generation, e.to_string()),
+                },
+            );
         if let Err(e) = spawned {
             let msg = format!("cannot start the export thread: {e}");
             self.disk.abort_export(generation, &msg);

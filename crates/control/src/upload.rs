@@ -76,7 +76,10 @@ impl Uploads {
                 tracing::info!(generation, url = %to.url(), bytes = total, "upload done");
                 self.update(generation, |u| u.phase = ExportPhase::Done);
             }
-            Err(e) => self.fail(generation, format!("{e} (the diff is kept at {})", local.display())),
+            Err(e) => self.fail(
+                generation,
+                format!("{e} (the diff is kept at {})", local.display()),
+            ),
         }
     }
 
