@@ -1,6 +1,7 @@
 //! Diffs in object storage, against a real S3-compatible server (moto, tests/s3/deps.sh): a
 //! daemon exports a generation to `s3://`, another daemon starts from that `s3://` chain and
-//! serves the same bytes, and a daemon killed while uploading leaves no object behind.
+//! serves the same bytes, `vsnap diff list/inspect/apply` read it there, and a daemon killed
+//! while uploading leaves no object behind.
 
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -196,6 +197,33 @@ fn a_generation_exported_to_s3_starts_another_daemon() {
     assert_eq!(
         listed.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(),
         ["gen-1.diff"]
+    );
+
+    // The offline tools read it from there too.
+    let cli = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .envs(s3.env())
+            .env("VSNAP_CACHE_DIR", dir.path().join("cache"))
+            .output()
+            .unwrap()
+    };
+    let listing = ok(&cli(&["diff", "list", "s3://diffs/vm1"]));
+    assert!(listing.contains("gen-1.diff"), "{listing}");
+    let info = ok(&cli(&["diff", "inspect", "--json", url]));
+    assert!(info.contains("\"stored_bytes\""), "{info}");
+    let img = dir.path().join("applied.img");
+    ok(&cli(&[
+        "diff",
+        "apply",
+        "--out",
+        img.to_str().unwrap(),
+        url,
+    ]));
+    let applied = std::fs::read(&img).unwrap();
+    assert!(
+        applied[..data.len()] == data[..],
+        "apply from s3 wrote other bytes"
     );
 
     let d = Daemon::start(&s3, dir.path(), "b", &["--chain", url]);

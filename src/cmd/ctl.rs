@@ -50,6 +50,9 @@ enum CtlCmd {
         /// Raw bytes per frame, a multiple of the block size (vsnap format) [default: 1 MiB].
         #[arg(long)]
         frame_size: Option<u32>,
+        /// Store every block as data, even those the parent state holds (vsnap format).
+        #[arg(long)]
+        no_dedupe: bool,
         /// Wait until the export finishes (polls its progress).
         #[arg(long)]
         wait: bool,
@@ -124,6 +127,7 @@ pub fn run(a: CtlArgs) -> anyhow::Result<()> {
             backing,
             compression,
             frame_size,
+            no_dedupe,
             wait,
         } => {
             // A URL (object storage) goes as it is; a path is made absolute for the daemon.
@@ -134,6 +138,9 @@ pub fn run(a: CtlArgs) -> anyhow::Result<()> {
             let mut body = json!({ "path": path, "format": format, "compression": compression });
             if let Some(f) = frame_size {
                 body["frame_size"] = json!(f);
+            }
+            if *no_dedupe {
+                body["dedupe"] = json!(false);
             }
             if let Some(b) = backing {
                 body["backing"] = json!(std::path::absolute(b)?);

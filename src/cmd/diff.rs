@@ -7,12 +7,23 @@ use vsnap_block::tracker::runs;
 use vsnap_block::{Disk, DiskOptions, Job};
 
 use super::print_json;
+use crate::remote;
 use crate::size::parse_size;
 
+/// Diff arguments may be object-storage URLs (`s3://`, `gs://`, `az://`): inputs are read
+/// through a local cache (`$VSNAP_CACHE_DIR`, else `~/.cache/vsnap`), a squash output is
+/// uploaded once written.
 #[derive(Subcommand)]
 pub enum DiffCmd {
+    /// List the diffs in a directory or under an object-storage prefix, with their sizes.
+    List {
+        location: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Show a diff's header, counts, storage (version, stored and raw bytes, compression ratio,
-    /// frames) and block ranges (validates every checksum).
+    /// frames, blocks stored as references to its parent) and block ranges (validates every
+    /// checksum the diff holds; references are checked against the parent when applied).
     Inspect {
         diff: PathBuf,
         #[arg(long)]
@@ -48,6 +59,10 @@ pub enum DiffCmd {
     ToQcow2 {
         #[arg(long)]
         backing: PathBuf,
+        /// A raw image of the diff's parent, to read the blocks the diff stores as copies of
+        /// its parent (parent dedupe) from: by default the backing file, when it is raw.
+        #[arg(long)]
+        parent: Option<PathBuf>,
         #[arg(long)]
         out: PathBuf,
         diff: PathBuf,
@@ -125,11 +140,18 @@ struct Inspect {
     raw_bytes: u64,
     /// Bytes the dirty blocks take in the file.
     stored_bytes: u64,
-    /// raw_bytes / stored_bytes (1 when nothing is stored).
+    /// raw_bytes / stored_bytes (1 when nothing is stored): compression and references.
     compression_ratio: f64,
     frames: u64,
-    /// Frames stored compressed; the others are raw.
+    /// Frames stored compressed; the others are raw or references.
     zstd_frames: u64,
+    /// Dirty blocks stored as copies of blocks of the parent (parent dedupe): 4 bytes each
+    /// here, their bytes read from the disk below the diff.
+    referenced_blocks: u64,
+    /// Raw bytes of those blocks.
+    referenced_bytes: u64,
+    /// Index entries that are references.
+    reference_frames: u64,
     /// Raw bytes per frame (version 1: per checksum chunk).
     frame_size: u32,
     checksums: &'static str,
@@ -139,8 +161,24 @@ struct Inspect {
 }
 
 pub fn run(cmd: DiffCmd) -> anyhow::Result<()> {
+    let cache = remote::cache_dir();
     match cmd {
-        DiffCmd::Inspect { diff, json } => inspect(diff, json),
+        DiffCmd::List { location, json } => {
+            let entries = remote::list(&location)?;
+            if json {
+                let v: Vec<_> = entries
+                    .iter()
+                    .map(|(name, size)| serde_json::json!({ "name": name, "size": size }))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                for (name, size) in entries {
+                    println!("{size:>14}  {name}");
+                }
+            }
+            Ok(())
+        }
+        DiffCmd::Inspect { diff, json } => inspect(remote::input(&diff, &cache)?, json),
         DiffCmd::Apply {
             base,
             out,
@@ -148,6 +186,7 @@ pub fn run(cmd: DiffCmd) -> anyhow::Result<()> {
             force,
             allow_foreign_parent,
         } => {
+            let diffs = remote::inputs(&diffs, &cache)?;
             let job = Job::new();
             let g = crate::progress::run("apply", &job, || {
                 let root = root(allow_foreign_parent);
@@ -162,11 +201,14 @@ pub fn run(cmd: DiffCmd) -> anyhow::Result<()> {
             force,
             write,
         } => {
+            let diffs = remote::inputs(&diffs, &cache)?;
+            let target = remote::Output::new(&out)?;
             let job = Job::new();
             let opts = write.options()?;
             let h = crate::progress::run("squash", &job, || {
-                diff::squash_with(&diffs, &out, force, &opts, &job)
+                diff::squash_with(&diffs, target.path(), force, &opts, &job)
             })??;
+            target.finish()?;
             eprintln!(
                 "wrote {}: {} dirty, {} zero blocks",
                 out.display(),
@@ -177,15 +219,18 @@ pub fn run(cmd: DiffCmd) -> anyhow::Result<()> {
         }
         DiffCmd::ToQcow2 {
             backing,
+            parent,
             out,
             diff,
             force,
             allow_foreign_parent,
         } => {
+            let diff = remote::input(&diff, &cache)?;
             let job = Job::new();
             crate::progress::run("to-qcow2", &job, || {
                 let root = root(allow_foreign_parent);
-                diff::qcow2::to_qcow2_over(&diff, &backing, root, &out, force, &job)
+                let parent = parent.as_deref();
+                diff::qcow2::to_qcow2_with(&diff, &backing, parent, root, &out, force, &job)
             })??;
             eprintln!("wrote {}", out.display());
             Ok(())
@@ -223,6 +268,9 @@ fn inspect(path: PathBuf, json: bool) -> anyhow::Result<()> {
         },
         frames: st.frames,
         zstd_frames: st.zstd_frames,
+        referenced_blocks: st.referenced_blocks,
+        referenced_bytes: st.referenced_blocks * g.bs(),
+        reference_frames: st.reference_frames,
         frame_size: h.frame_size,
         checksums: "ok",
         dirty_ranges: runs(d.tracker().dirty()).collect(),
@@ -259,6 +307,10 @@ fn inspect(path: PathBuf, json: bool) -> anyhow::Result<()> {
         info.frames,
         info.zstd_frames,
         info.frame_size
+    );
+    println!(
+        "references:  {} blocks ({} bytes) stored as copies of the parent, in {} entries",
+        info.referenced_blocks, info.referenced_bytes, info.reference_frames
     );
     println!(
         "file:        {} bytes, checksums {}",

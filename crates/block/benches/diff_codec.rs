@@ -1,6 +1,8 @@
 //! Export and apply of a 256 MiB diff, half random and half text-like bytes, raw and with zstd:
 //! wall time and CPU time (user + system, all threads), so the per-core throughput holds up on a
-//! loaded machine; and random reads through a chain diff. `cargo bench -p vsnap-block --bench
+//! loaded machine; random reads through a chain diff; and parent dedupe (a generation that copies
+//! a quarter of its data from the base): the cost of the base's hash index and of an export
+//! with and without it, and what it saves. `cargo bench -p vsnap-block --bench
 //! diff_codec [-- ROUNDS]`; figures go to docs/benchmarks.md. Run by `cargo test --all-targets`
 //! (no `--bench` argument), it does the same on 4 MiB, once, as a check that it still runs.
 
@@ -176,6 +178,119 @@ fn main() {
         d.close().unwrap();
     }
     chain_reads(dir.path());
+    dedupe(dir.path(), rounds);
+}
+
+/// Parent dedupe: a base of twice `dirty()` bytes (text and random), a generation of `dirty()`
+/// bytes of which 27% are copies of base blocks (the share measured on a real guest) and the
+/// rest new text and random data.
+fn dedupe(dir: &Path, rounds: usize) {
+    let n = dirty();
+    let base: Vec<u8> = (0..2 * n)
+        .step_by(1 << 20)
+        .enumerate()
+        .flat_map(|(i, off)| {
+            if i.is_multiple_of(2) {
+                random_bytes(1 << 20, off + 7)
+            } else {
+                text_like(1 << 20, off + 7)
+            }
+        })
+        .collect();
+    let base_path = dir.join("dedupe-base.img");
+    std::fs::write(&base_path, &base).unwrap();
+    let mut o = DiskOptions::new(dir.join("dedupe-state"));
+    o.base = Some(base_path.clone());
+    let d = Disk::open(&o).unwrap();
+    let copied = (n * 27 / 100) & !4095;
+    d.write(0, &base[n as usize..(n + copied) as usize])
+        .unwrap();
+    for (i, off) in (copied..n).step_by(256 << 10).enumerate() {
+        let len = (256 << 10).min(n - off) as usize;
+        let data = if i.is_multiple_of(2) {
+            random_bytes(len, off + 3)
+        } else {
+            text_like(len, off + 3)
+        };
+        d.write(off, &data).unwrap();
+    }
+    let g = d.cut(false).unwrap().generation;
+    let p = dir.join("dedupe.diff");
+    let export = |opts: &WriteOptions| {
+        let q = dir.join("dedupe-tmp.diff");
+        d.export_with(g, &q, None, opts).unwrap();
+        std::fs::rename(&q, &p).unwrap();
+    };
+    let state = dir.join("dedupe-state");
+    println!();
+    println!(
+        "Parent dedupe: {} MiB dirty, 27% copied from a {} MiB base; zstd:3; best of {rounds}",
+        n >> 20,
+        (2 * n) >> 20
+    );
+    println!("| export | stored / raw | referenced | wall | per core |");
+    println!("|---|---|---|---|---|");
+    let row = |what: &str, (w, c): (Duration, Duration)| {
+        let st = DiffFile::open(&p).unwrap().data_stats();
+        println!(
+            "| {what} | {:.3} | {:.1}% | {:.2} GB/s | {:.2} GB/s |",
+            st.stored_bytes as f64 / st.raw_bytes as f64,
+            100.0 * st.referenced_blocks as f64 * 4096.0 / st.raw_bytes as f64,
+            gbps(n, w),
+            gbps(n, c)
+        );
+    };
+    let off = WriteOptions {
+        dedupe: false,
+        ..WriteOptions::default()
+    };
+    row("no dedupe", best(rounds, || export(&off)));
+    let on = WriteOptions::default();
+    // The first export hashes the base (and the generation's own blocks).
+    row("dedupe, first (builds the index)", best(1, || export(&on)));
+    row("dedupe, index built", best(rounds, || export(&on)));
+    let (bw, bc) = best(rounds, || {
+        std::fs::remove_file(state.join("base.hashes")).unwrap();
+        export(&on);
+    });
+    let (ew, ec) = best(rounds, || export(&on));
+    // Timing noise can exceed a small base's build: then the difference says nothing.
+    let (bw, bc) = (bw.saturating_sub(ew), bc.saturating_sub(ec));
+    let rate = if bc > Duration::from_millis(1) {
+        format!("{:.2} GB/s per core", gbps(2 * n, bc))
+    } else {
+        "too short to time".into()
+    };
+    println!(
+        "Base index build: {:.3} s wall, {:.3} s CPU for {} MiB ({rate}); {} bytes on disk",
+        bw.as_secs_f64(),
+        bc.as_secs_f64(),
+        (2 * n) >> 20,
+        std::fs::metadata(state.join("base.hashes")).unwrap().len()
+    );
+    // Apply (the base copied, then the diff): with references, and without.
+    let out = dir.join("dedupe-out.img");
+    let apply = |what: &str| {
+        let (w, c) = best(rounds, || {
+            diff::apply(
+                Some(&base_path),
+                std::slice::from_ref(&p),
+                &out,
+                true,
+                &Job::new(),
+            )
+            .unwrap();
+        });
+        println!(
+            "Apply {what}: {:.2} s wall, {:.2} s CPU",
+            w.as_secs_f64(),
+            c.as_secs_f64()
+        );
+    };
+    apply("with references");
+    export(&off);
+    apply("without");
+    d.close().unwrap();
 }
 
 /// Random 4 KiB reads of a disk whose only data is a chain diff: a read decodes its frame

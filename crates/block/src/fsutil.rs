@@ -83,6 +83,24 @@ pub fn copy_data_extents(src: &File, dst: &File, len: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// The first extent of data of `file` at or after `from`, as `[start, end)` clipped to `len`;
+/// `None` when only holes remain. File systems without `SEEK_DATA` report all of it as data.
+pub fn next_data(file: &File, from: u64, len: u64) -> io::Result<Option<(u64, u64)>> {
+    if from >= len {
+        return Ok(None);
+    }
+    let data = match seek(file, from, libc::SEEK_DATA) {
+        Ok(d) => d,
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(Some((from, len))),
+        Err(e) => return Err(e),
+    };
+    if data >= len {
+        return Ok(None);
+    }
+    Ok(Some((data, seek(file, data, libc::SEEK_HOLE)?.min(len))))
+}
+
 fn seek(f: &File, off: u64, whence: libc::c_int) -> io::Result<u64> {
     // SAFETY: plain syscall on a valid fd.
     let r = unsafe { libc::lseek(f.as_raw_fd(), off as libc::off_t, whence) };

@@ -27,6 +27,7 @@ pub struct Layer {
     data_path: PathBuf,
     bitmap_path: PathBuf,
     live_path: PathBuf,
+    hashes_path: PathBuf,
     blocks: u64,
     tracker: RwLock<Tracker>,
     /// The active layer's live states (see `live`), updated with `tracker`, under its lock.
@@ -52,6 +53,12 @@ impl Layer {
 
     pub fn live_path(dir: &Path, stem: &str) -> PathBuf {
         dir.join(format!("{stem}.live"))
+    }
+
+    /// The layer's dirty blocks and their content hashes (parent dedupe's index, see
+    /// `crate::dedupe`), once an export has written it.
+    pub fn hashes_path(dir: &Path, stem: &str) -> PathBuf {
+        dir.join(format!("{stem}.hashes"))
     }
 
     /// Creates an empty layer: a sparse file of the device's size and a durable empty bitmap, so
@@ -153,6 +160,7 @@ impl Layer {
             data_path: Self::data_path(dir, stem),
             bitmap_path: Self::bitmap_path(dir, stem),
             live_path: Self::live_path(dir, stem),
+            hashes_path: Self::hashes_path(dir, stem),
             blocks: geom.blocks(),
             tracker: RwLock::new(tracker),
             live: Mutex::new(None),
@@ -272,6 +280,10 @@ impl Layer {
         &self.data_path
     }
 
+    pub fn hashes_file_path(&self) -> &Path {
+        &self.hashes_path
+    }
+
     pub fn read_stored(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.file()?
             .read_exact_at(buf, offset)
@@ -340,6 +352,7 @@ impl Layer {
         self.cache.forget(&self.data_path);
         let _ = std::fs::remove_file(&self.data_path);
         let _ = std::fs::remove_file(&self.bitmap_path);
+        let _ = std::fs::remove_file(&self.hashes_path);
         self.release_reserve();
         self.remove_live();
     }

@@ -3,6 +3,7 @@
 //!
 //! Nothing here knows about virtio or sockets; the virtio-blk device drives [`Disk`].
 
+mod dedupe;
 pub mod diff;
 mod disk;
 mod error;

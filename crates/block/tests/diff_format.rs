@@ -353,9 +353,11 @@ fn truncated_and_rewritten_indexes_are_refused() {
     let p = case("swap.diff", &bytes);
     rewrite_index(&p, |fr| fr.swap(0, 1), |_| {});
     assert!(matches!(err(&p), DiffError::Index(_)), "{}", err(&p));
-    // The reserved reference kind, a future codec, reserved bytes.
+    // A data entry marked a reference (it stores data, not checksums), an unknown kind, a
+    // future codec, reserved bytes.
     for (at, v, unsupported) in [
-        (0usize, 1u8, true),
+        (0usize, 1u8, false),
+        (0, 2, true),
         (1, 7, true),
         (2, 1, false),
         (45, 1, false),

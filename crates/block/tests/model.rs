@@ -1,24 +1,34 @@
-//! Property test: random sequences of aligned and unaligned writes, zero writes, write-zeroes
-//! and discards over a random non-zero base, against a plain in-memory model of the bytes. The
-//! diffs are written in a random encoding (version 1, version 2 raw or zstd, frames of a few
-//! blocks) and must come back byte-identical through apply, squash, to-qcow2 and a chain.
+//! Property test: random sequences of aligned and unaligned writes, zero writes, write-zeroes,
+//! discards and copies (a block read and written elsewhere, so parent dedupe finds it) over a
+//! random non-zero base, against a plain in-memory model of the bytes. The diffs are written in
+//! a random encoding (version 1, version 2 raw or zstd, frames of a few blocks, parent dedupe
+//! on or off) and must come back byte-identical through apply, squash, to-qcow2 and a chain.
 
 mod common;
 
 use proptest::prelude::*;
-use vsnap_block::diff::{self, ChainRoot, Compression, DiffFile, WriteOptions, VERSION_1};
+use vsnap_block::diff::{
+    self, ChainRoot, Compression, DiffError, DiffFile, WriteOptions, VERSION_1,
+};
 use vsnap_block::zero::is_zero;
 use vsnap_block::{Disk, DiskOptions, Job};
 
 const SECTORS: u64 = 96;
 
 /// A diff encoding: version 1, or version 2 without or with compression; frames of 1 to 5
-/// blocks (so the data spans several) or the default 1 MiB (one frame); one or two threads.
+/// blocks (so the data spans several) or the default 1 MiB (one frame); one or two threads;
+/// parent dedupe on or off (version 1 holds no references either way).
 fn encoding(bs: u64) -> impl Strategy<Value = WriteOptions> {
-    (0..4u8, prop_oneof![Just(0u32), 1..=5u32], 1..=2usize).prop_map(
-        move |(kind, blocks, threads)| {
+    (
+        0..4u8,
+        prop_oneof![Just(0u32), 1..=5u32],
+        1..=2usize,
+        any::<bool>(),
+    )
+        .prop_map(move |(kind, blocks, threads, dedupe)| {
             let mut o = WriteOptions {
                 threads,
+                dedupe,
                 ..WriteOptions::default()
             };
             if blocks > 0 {
@@ -34,15 +44,31 @@ fn encoding(bs: u64) -> impl Strategy<Value = WriteOptions> {
                 _ => o.compression = Compression::Zstd(3),
             }
             o
-        },
-    )
+        })
 }
 
 #[derive(Clone, Debug)]
 enum Op {
-    Write { sector: u64, sectors: u64, fill: u8 },
-    WriteZeroes { sector: u64, sectors: u64 },
-    Discard { sector: u64, sectors: u64 },
+    Write {
+        sector: u64,
+        sectors: u64,
+        fill: u8,
+    },
+    WriteZeroes {
+        sector: u64,
+        sectors: u64,
+    },
+    Discard {
+        sector: u64,
+        sectors: u64,
+    },
+    /// Reads `sectors` at `from` and writes them at `to`: a file copied (or, with a discard of
+    /// the source after, moved).
+    Copy {
+        from: u64,
+        to: u64,
+        sectors: u64,
+    },
     Cut,
 }
 
@@ -52,7 +78,14 @@ fn op() -> impl Strategy<Value = Op> {
         4 => (range.clone(), prop_oneof![Just(0u8), 1..=255u8])
             .prop_map(|((sector, sectors), fill)| Op::Write { sector, sectors, fill }),
         2 => range.clone().prop_map(|(sector, sectors)| Op::WriteZeroes { sector, sectors }),
-        2 => range.prop_map(|(sector, sectors)| Op::Discard { sector, sectors }),
+        2 => range.clone().prop_map(|(sector, sectors)| Op::Discard { sector, sectors }),
+        // Copies aligned to 4 KiB (whole blocks for every block size) or to any sector.
+        2 => (range, 0..SECTORS, any::<bool>()).prop_map(|((from, sectors), to, aligned)| {
+            let align = |s: u64| if aligned { s / 8 * 8 } else { s };
+            let (from, to) = (align(from), align(to));
+            let sectors = sectors.min(SECTORS - from).min(SECTORS - to);
+            Op::Copy { from, to, sectors }
+        }),
         1 => Just(Op::Cut),
     ]
 }
@@ -105,6 +138,13 @@ proptest! {
                         model[(b * bs) as usize..((b + 1) * bs) as usize].fill(0);
                     }
                 }
+                Op::Copy { from, to, sectors } => {
+                    let (f, t, n) = ((from * 512) as usize, (to * 512) as usize, (sectors * 512) as usize);
+                    let mut buf = vec![0u8; n];
+                    d.read(f as u64, &mut buf).unwrap();
+                    d.write(t as u64, &buf).unwrap();
+                    model.copy_within(f..f + n, t);
+                }
                 Op::Cut => {
                     let c = d.cut(false).unwrap();
                     let p = dir.path().join(format!("{}.diff", c.generation));
@@ -112,6 +152,8 @@ proptest! {
                     let h = d.export_with(c.generation, &p, None, &enc).unwrap();
                     prop_assert_eq!(h.version, enc.version);
                     prop_assert_eq!(h.data_len(), h.dirty_blocks * bs);
+                    let refs = DiffFile::open(&p).unwrap().data_stats().referenced_blocks;
+                    prop_assert!(refs == 0 || (enc.dedupe && enc.version != VERSION_1), "{} references with {:?}", refs, enc);
                     diffs.push(p);
                     images.push(model.clone());
                 }
@@ -131,15 +173,22 @@ proptest! {
             diff::apply(Some(&base_path), &diffs[..=i], &out, false, &Job::new()).unwrap();
             prop_assert!(&std::fs::read(&out).unwrap() == want, "apply of {} diffs differs", i + 1);
         }
-        // No zero block's bytes in any diff, and the data is exactly dirty blocks x block size.
-        for p in &diffs {
+        // No zero block's bytes in any diff, and the data is exactly dirty blocks x block size;
+        // references resolved against the image of the cut before (or the base).
+        for (i, p) in diffs.iter().enumerate() {
             let df = DiffFile::open(p).unwrap();
             prop_assert_eq!(df.header.data_len(), df.header.dirty_blocks * bs);
+            let parent_img = if i == 0 { &base } else { &images[i - 1] };
+            let parent = |off: u64, buf: &mut [u8]| -> Result<(), DiffError> {
+                buf.copy_from_slice(&parent_img[off as usize..off as usize + buf.len()]);
+                Ok(())
+            };
             let mut stored = 0u64;
-            df.for_each_dirty_run(&Job::new(), |_, bytes| {
+            df.for_each_dirty_run_in(&Job::new(), &parent, |off, bytes| {
                 for blk in bytes.chunks(bs as usize) {
                     assert!(!is_zero(blk), "a zero block was stored as data");
                 }
+                assert!(bytes == &images[i][off as usize..off as usize + bytes.len()]);
                 stored += bytes.len() as u64;
                 Ok(())
             }).unwrap();
@@ -147,29 +196,46 @@ proptest! {
         }
         let sq = dir.path().join("squashed.diff");
         let sq_enc = encodings.next().unwrap();
-        diff::squash_with(&diffs, &sq, false, &sq_enc, &Job::new()).unwrap();
+        let squashed = diff::squash_with(&diffs, &sq, false, &sq_enc, &Job::new());
+        let (sq_enc, sq_refs) = match squashed {
+            // References to the base stay references: version 1 cannot hold them.
+            Err(DiffError::Options(_)) if sq_enc.version == VERSION_1 => {
+                let enc = WriteOptions { version: diff::VERSION, ..sq_enc };
+                diff::squash_with(&diffs, &sq, false, &enc, &Job::new()).unwrap();
+                let refs = DiffFile::open(&sq).unwrap().data_stats().referenced_blocks;
+                prop_assert!(refs > 0, "version 1 refused a squash without references");
+                (enc, refs)
+            }
+            r => {
+                r.unwrap();
+                (sq_enc, DiffFile::open(&sq).unwrap().data_stats().referenced_blocks)
+            }
+        };
         let out = dir.path().join("squashed.img");
         diff::apply(Some(&base_path), std::slice::from_ref(&sq), &out, false, &Job::new()).unwrap();
         prop_assert!(std::fs::read(&out).unwrap() == model);
 
-        // qcow2: the overlay of the squashed diff (any encoding) is the one its version-1 twin
-        // gives, cluster for cluster (tests/cli.rs checks such overlays with qemu-img).
-        let raw_sq = dir.path().join("squashed-v1.diff");
-        let v1 = WriteOptions { version: VERSION_1, compression: Compression::None, ..WriteOptions::default() };
-        diff::squash_with(&diffs, &raw_sq, false, &v1, &Job::new()).unwrap();
-        let (q, q1) = (dir.path().join("sq.qcow2"), dir.path().join("sq-v1.qcow2"));
+        // qcow2: the overlay of the squashed diff (any encoding) over the base reads as the
+        // model; without references it is the one its version-1 twin gives, cluster for
+        // cluster (tests/cli.rs checks such overlays with qemu-img).
+        let q = dir.path().join("sq.qcow2");
         diff::qcow2::to_qcow2(&sq, &base_path, &q, false, &Job::new()).unwrap();
-        diff::qcow2::to_qcow2(&raw_sq, &base_path, &q1, false, &Job::new()).unwrap();
-        prop_assert!(std::fs::read(&q).unwrap() == std::fs::read(&q1).unwrap(), "qcow2 of {:?} differs", sq_enc);
-        // The last diff as an overlay over the image of the one before.
+        prop_assert!(common::read_qcow2(&q, &base) == model, "qcow2 of {:?} differs", sq_enc);
+        if sq_refs == 0 {
+            let raw_sq = dir.path().join("squashed-v1.diff");
+            let v1 = WriteOptions { version: VERSION_1, compression: Compression::None, ..WriteOptions::default() };
+            diff::squash_with(&diffs, &raw_sq, false, &v1, &Job::new()).unwrap();
+            let q1 = dir.path().join("sq-v1.qcow2");
+            diff::qcow2::to_qcow2(&raw_sq, &base_path, &q1, false, &Job::new()).unwrap();
+            prop_assert!(std::fs::read(&q).unwrap() == std::fs::read(&q1).unwrap(), "qcow2 of {:?} differs", sq_enc);
+        }
+        // The last diff as an overlay over the image of the one before, which its references
+        // are read from.
         if diffs.len() > 1 {
             let (n, prev) = (diffs.len() - 1, dir.path().join(format!("apply-{}.img", diffs.len() - 2)));
-            let last_v1 = dir.path().join("last-v1.diff");
-            diff::squash_with(&diffs[n..], &last_v1, false, &v1, &Job::new()).unwrap();
-            let (a, b) = (dir.path().join("last.qcow2"), dir.path().join("last-v1.qcow2"));
+            let a = dir.path().join("last.qcow2");
             diff::qcow2::to_qcow2_over(&diffs[n], &prev, ChainRoot::Foreign, &a, false, &Job::new()).unwrap();
-            diff::qcow2::to_qcow2_over(&last_v1, &prev, ChainRoot::Foreign, &b, false, &Job::new()).unwrap();
-            prop_assert!(std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap());
+            prop_assert!(common::read_qcow2(&a, &images[n - 1]) == model);
         }
 
         // A chain (what `vsnap blk --chain` opens): every diff read through its frames.

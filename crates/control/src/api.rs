@@ -51,6 +51,10 @@ pub struct ExportRequest {
     /// Smaller frames make the random reads of a chain cheaper.
     #[serde(default)]
     pub frame_size: Option<u32>,
+    /// vsnap format only: store blocks the parent state already holds as references to them
+    /// (default true; docs/diff-format.md).
+    #[serde(default)]
+    pub dedupe: Option<bool>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]

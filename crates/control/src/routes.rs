@@ -43,6 +43,18 @@ fn block_error(e: BlockError) -> Response {
     Response::error(status, e)
 }
 
+/// How an export request asks for its diff to be written.
+fn write_options(r: &ExportRequest) -> WriteOptions {
+    let mut opts = WriteOptions::new(r.compression);
+    if let Some(f) = r.frame_size {
+        opts.frame_size = f;
+    }
+    if let Some(d) = r.dedupe {
+        opts.dedupe = d;
+    }
+    opts
+}
+
 fn export_status(l: &LayerInfo) -> ExportStatus {
     ExportStatus {
         generation: l.generation,
@@ -300,6 +312,7 @@ impl Api {
                 format!("the directory of {} does not exist", r.path.display()),
             ));
         }
+        let opts = write_options(&r);
         let backing = match (r.format, r.backing) {
             (ExportFormat::Qcow2, None) => {
                 return Err(Response::error(400, "a qcow2 export needs \"backing\""))
@@ -309,10 +322,6 @@ impl Api {
             }
             (_, b) => b,
         };
-        let mut opts = WriteOptions::new(r.compression);
-        if let Some(f) = r.frame_size {
-            opts.frame_size = f;
-        }
         let job = self
             .disk
             .start_export(layer.generation, &r.path)
@@ -366,10 +375,7 @@ impl Api {
             .map_err(|e| Response::error(500, format!("{}: {e}", dir.display())))?;
         let local = dir.join(format!("gen-{generation}-{}.diff", std::process::id()));
         let _ = std::fs::remove_file(&local);
-        let mut opts = WriteOptions::new(r.compression);
-        if let Some(f) = r.frame_size {
-            opts.frame_size = f;
-        }
+        let opts = write_options(r);
         let job = self
             .disk
             .start_export(generation, &local)

@@ -11,21 +11,25 @@
 //!   to the size its header describes; version 2 sets the trailer's stored length to what lies
 //!   between the bitmaps and an index of the trailer's frame count;
 //! - bit 3: version 1 recomputes the chunk checksums; version 2 makes every index entry start
-//!   where the one before ends and recomputes its checksums (the raw one by decompressing);
+//!   where the one before ends and recomputes its checksums (the raw one by decompressing; a
+//!   reference entry's block checksums from the harness's parent state, below);
 //! - bit 4: recompute the trailer (bitmap and table or index checksums, trailer checksum, magic).
 //!
 //! The pure path, `DiffHeader::decode`, runs on the bytes directly; the rest goes through
 //! `DiffFile::open` on a temporary file (the reader has no in-memory entry point), then
-//! `verify`, the run iterator and `read_stored`, each checked against the harness's own reading
-//! of the file's bytes (version 2 frames decompressed here, independently).
+//! `verify`, the run iterators and random reads, each checked against the harness's own reading
+//! of the file's bytes (version 2 frames decompressed here, independently). References (parent
+//! dedupe) resolve against a parent state the harness makes up, [`parent_block`]: streaming
+//! checks every referenced block against its recorded checksum, random reads copy it.
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use uuid::Uuid;
 use vsnap_block::diff::{
-    v1, v2, write_diff, Codec, Compression, DiffError, DiffFile, DiffHeader, Frame, WriteOptions,
-    HEADER_LEN, MAX_FRAME_SIZE, TRAILER_MAGIC, VERSION, VERSION_1,
+    combine_crcs, v1, v2, write_diff_spec, Codec, Compression, DiffError, DiffFile, DiffHeader,
+    DiffSpec, Frame, RefProblem, References, WriteOptions, HEADER_LEN, MAX_FRAME_SIZE,
+    TRAILER_MAGIC, VERSION, VERSION_1,
 };
 use vsnap_block::{BlockState, Geometry, Job, Tracker};
 
@@ -40,6 +44,27 @@ const FIX_ALL: u8 = 0x1f;
 const MAX_FILE: u64 = 256 << 10;
 /// How many dirty blocks are read back one by one.
 const READ_BACK: usize = 64;
+/// The most raw bytes of a reference entry whose block checksums the fix-up recomputes.
+const MAX_FIXED_REFERENCE: u32 = 1 << 20;
+
+/// The harness's parent state: device byte `off` below every diff it reads.
+fn parent_byte(off: u64) -> u8 {
+    (off.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as u8 | 1
+}
+
+/// Whole parent block `b` of a device of `g` (zero past the device end, as a diff pads it).
+fn parent_block(g: Geometry, b: u64) -> Vec<u8> {
+    (b * g.bs()..(b + 1) * g.bs())
+        .map(|o| if o < g.size { parent_byte(o) } else { 0 })
+        .collect()
+}
+
+fn read_parent(off: u64, buf: &mut [u8]) -> Result<(), DiffError> {
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = parent_byte(off + i as u64);
+    }
+    Ok(())
+}
 
 fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
@@ -144,7 +169,12 @@ fn fix_up_v2(flags: u8, h: &DiffHeader, f: &mut [u8]) {
             if stored > stored_end {
                 break;
             }
-            let bytes = &f[(stored - u64::from(stored_len)) as usize..stored as usize];
+            let at = (stored - u64::from(stored_len)) as usize..stored as usize;
+            if f[e] == v2::KIND_REFERENCE {
+                fix_reference(h, f, e, at);
+                continue;
+            }
+            let bytes = &f[at];
             let stored_crc = crc32c::crc32c(bytes);
             let raw_crc = match Codec::from_byte(f[e + 1]) {
                 Some(Codec::Zstd) => decompress(bytes, raw_len).map(|r| crc32c::crc32c(&r)),
@@ -166,6 +196,31 @@ fn fix_up_v2(flags: u8, h: &DiffHeader, f: &mut [u8]) {
         put32(f, t + 28, crc);
         f[t + 32..].copy_from_slice(TRAILER_MAGIC);
     }
+}
+
+/// Makes the reference entry at index offset `e` (stored bytes `at`) agree with the harness's
+/// parent state: each block's checksum, then the entry's two.
+fn fix_reference(h: &DiffHeader, f: &mut [u8], e: usize, at: std::ops::Range<usize>) {
+    let (g, bs) = (h.geometry, h.geometry.bs());
+    let raw_len = u32_at(f, e + 4);
+    let source = u64_at(f, e + 40);
+    let blocks = u64::from(raw_len) / bs;
+    let fits = source
+        .checked_add(blocks)
+        .is_some_and(|end| end <= g.blocks());
+    if raw_len <= MAX_FIXED_REFERENCE && fits && at.len() as u64 == 4 * blocks {
+        for j in 0..blocks {
+            let crc = crc32c::crc32c(&parent_block(g, source + j));
+            put32(f, at.start + 4 * j as usize, crc);
+        }
+    }
+    let list: Vec<u32> = f[at.clone()]
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
+        .collect();
+    let stored_crc = crc32c::crc32c(&f[at]);
+    put32(f, e + 28, stored_crc);
+    put32(f, e + 32, combine_crcs(list, bs));
 }
 
 /// The harness's own reading of a zstd frame, with the reader's rules: exactly one zstd frame
@@ -246,12 +301,29 @@ pub fn diff_decode(data: &[u8]) {
 fn check_frames(d: &DiffFile) {
     let h = &d.header;
     let (mut raw, mut stored) = (0u64, h.data_offset());
+    let bs = h.geometry.bs();
     for fr in d.frames() {
         assert_eq!((fr.raw_offset, fr.stored_offset), (raw, stored));
         assert!(fr.raw_len > 0 && fr.raw_len <= h.frame_size);
-        assert!(u64::from(fr.raw_len).is_multiple_of(h.geometry.bs()));
-        if fr.codec == Codec::Stored {
-            assert_eq!((fr.stored_len, fr.stored_crc), (fr.raw_len, fr.raw_crc));
+        assert!(u64::from(fr.raw_len).is_multiple_of(bs));
+        let blocks = u64::from(fr.raw_len) / bs;
+        match fr.reference {
+            // A reference stores a checksum a block, and names blocks of the device.
+            Some(source) => {
+                assert_eq!(h.version, VERSION);
+                assert_eq!(
+                    (fr.codec, u64::from(fr.stored_len)),
+                    (Codec::Stored, 4 * blocks)
+                );
+                assert!(
+                    source + blocks <= h.geometry.blocks(),
+                    "a dangling reference opened"
+                );
+            }
+            None if fr.codec == Codec::Stored => {
+                assert_eq!((fr.stored_len, fr.stored_crc), (fr.raw_len, fr.raw_crc));
+            }
+            None => {}
         }
         raw += u64::from(fr.raw_len);
         stored += u64::from(fr.stored_len);
@@ -261,21 +333,61 @@ fn check_frames(d: &DiffFile) {
     let st = d.data_stats();
     assert_eq!(st.stored_bytes, stored - h.data_offset());
     assert_eq!(st.frames as usize, d.frames().len());
+    let refs = d.frames().iter().filter(|f| f.reference.is_some());
+    assert_eq!(
+        st.referenced_blocks,
+        refs.map(|f| u64::from(f.raw_len) / bs).sum::<u64>()
+    );
 }
 
-/// A frame's raw bytes as the harness reads them: `None` when the reader must refuse it.
-/// `checked`: with the stored checksum verified (streaming) or not (random reads of raw frames
-/// are in place, unchecked, as version 1 always was).
-fn frame_bytes(f: &[u8], fr: &Frame, checked: bool) -> Option<Vec<u8>> {
+/// What the reader must make of a frame.
+enum Expect {
+    /// These raw bytes.
+    Bytes(Vec<u8>),
+    /// A frame error: the stored bytes do not check.
+    BadFrame,
+    /// A reference whose parent blocks are not the ones it recorded.
+    Mismatch,
+}
+
+/// A frame's raw bytes as the harness reads them. `checked`: as streaming does, every checksum
+/// verified; else as random reads do (raw frames and references in place, unchecked, as
+/// version 1 always was; compressed frames decoded and checked).
+fn expect(f: &[u8], h: &DiffHeader, fr: &Frame, checked: bool) -> Expect {
     let s = &f[fr.stored_offset as usize..(fr.stored_offset + u64::from(fr.stored_len)) as usize];
     let crc_ok = crc32c::crc32c(s) == fr.stored_crc;
-    match fr.codec {
+    if let Some(source) = fr.reference {
+        let g = h.geometry;
+        let blocks: Vec<Vec<u8>> = (0..u64::from(fr.raw_len) / g.bs())
+            .map(|j| parent_block(g, source + j))
+            .collect();
+        if !checked {
+            return Expect::Bytes(blocks.concat());
+        }
+        let list: Vec<u32> = s
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
+            .collect();
+        if !crc_ok || combine_crcs(list.iter().copied(), g.bs()) != fr.raw_crc {
+            return Expect::BadFrame;
+        }
+        if blocks
+            .iter()
+            .zip(&list)
+            .any(|(b, &c)| crc32c::crc32c(b) != c)
+        {
+            return Expect::Mismatch;
+        }
+        return Expect::Bytes(blocks.concat());
+    }
+    let bytes = match fr.codec {
         Codec::Stored => (crc_ok || !checked).then(|| s.to_vec()),
         Codec::Zstd if crc_ok => {
             decompress(s, fr.raw_len).filter(|r| crc32c::crc32c(r) == fr.raw_crc)
         }
         Codec::Zstd => None,
-    }
+    };
+    bytes.map_or(Expect::BadFrame, Expect::Bytes)
 }
 
 /// Everything the reader hands out agrees with the harness's reading of the file's bytes.
@@ -293,24 +405,49 @@ fn check_contents(d: &DiffFile, f: &[u8]) {
     let frames = d.frames();
     // Dirty block number `rank` (0-based) is raw byte rank * bs, in the frame covering it.
     let frame_of = |rank: u64| frames.partition_point(|fr| fr.raw_end() <= rank * bs);
-    let unchecked: Vec<Option<Vec<u8>>> =
-        frames.iter().map(|fr| frame_bytes(f, fr, false)).collect();
+    let unchecked: Vec<Expect> = frames.iter().map(|fr| expect(f, h, fr, false)).collect();
     for (rank, b) in t.dirty().iter().take(READ_BACK).enumerate() {
         let (b, rank) = (u64::from(b), rank as u64);
         assert_eq!(d.state(b), BlockState::Dirty);
         let (s, e) = g.block_span(b);
         let mut buf = vec![0u8; (e - s) as usize];
         let i = frame_of(rank);
-        let r = d.read_stored(s, &mut buf);
+        let r = d.read_resolved(s, &mut buf, &read_parent);
         match &unchecked[i] {
-            Some(raw) => {
+            Expect::Bytes(raw) => {
                 r.unwrap_or_else(|e| panic!("read of dirty block {b}: {e}"));
                 let at = (rank * bs - frames[i].raw_offset) as usize;
                 assert_eq!(buf, raw[at..at + buf.len()], "block {b} read back wrong");
             }
-            None => assert!(
+            _ => assert!(
                 matches!(r, Err(DiffError::Frame { frame, .. }) if frame == i),
                 "block {b} of a bad frame read as {r:?}"
+            ),
+        }
+        // Without a parent, a reference is refused as such; data reads as with one.
+        let mut again = vec![0u8; buf.len()];
+        match (d.read_stored(s, &mut again), frames[i].reference) {
+            (
+                Err(DiffError::Reference {
+                    problem: RefProblem::NoParent(_),
+                    ..
+                }),
+                Some(_),
+            ) => {}
+            (Ok(()), None) => assert_eq!(again, buf),
+            (Err(DiffError::Frame { .. }), None) => {}
+            (r, kind) => panic!("read_stored of block {b} ({kind:?}): {r:?}"),
+        }
+        match d.reference_at(b) {
+            Ok(Some((source, _))) => {
+                let fr = &frames[i];
+                let j = (rank * bs - fr.raw_offset) / bs;
+                assert_eq!(Some(source - j), fr.reference);
+            }
+            Ok(None) => assert!(frames[i].reference.is_none()),
+            Err(e) => assert!(
+                frames[i].reference.is_some() && matches!(e, DiffError::Frame { .. }),
+                "{e}"
             ),
         }
     }
@@ -319,12 +456,12 @@ fn check_contents(d: &DiffFile, f: &[u8]) {
         assert!(d.read_stored(u64::from(z) * bs, &mut buf).is_err());
     }
     // Streaming: checked frames, runs in order, covering exactly the dirty blocks, up to the
-    // first bad frame.
-    let checked: Vec<Option<Vec<u8>>> = frames.iter().map(|fr| frame_bytes(f, fr, true)).collect();
-    let first_bad = checked.iter().position(Option::is_none);
+    // first bad frame or reference.
+    let checked: Vec<Expect> = frames.iter().map(|fr| expect(f, h, fr, true)).collect();
+    let first_bad = checked.iter().position(|e| !matches!(e, Expect::Bytes(_)));
     let mut next_rank = 0u64;
     let mut last_end = 0u64;
-    let r = d.for_each_dirty_run(&Job::new(), |off, bytes| {
+    let r = d.for_each_dirty_run_in(&Job::new(), &read_parent, |off, bytes| {
         assert!(off >= last_end, "runs out of order or overlapping");
         assert!(off.is_multiple_of(bs) && off + bytes.len() as u64 <= g.size);
         let mut o = 0usize;
@@ -336,7 +473,9 @@ fn check_contents(d: &DiffFile, f: &[u8]) {
             );
             let i = frame_of(next_rank);
             assert!(first_bad.is_none_or(|bad| i < bad), "data of a bad frame");
-            let raw = checked[i].as_ref().expect("a good frame");
+            let Expect::Bytes(raw) = &checked[i] else {
+                panic!("bytes of a bad frame")
+            };
             let at = (next_rank * bs - frames[i].raw_offset) as usize;
             let (s, e) = g.block_span(b);
             let n = (e - s) as usize;
@@ -347,10 +486,37 @@ fn check_contents(d: &DiffFile, f: &[u8]) {
         last_end = off + bytes.len() as u64;
         Ok(())
     });
-    match (r, first_bad) {
+    match (r, first_bad.map(|i| (i, &checked[i]))) {
         (Ok(()), None) => assert_eq!(next_rank, h.dirty_blocks, "runs missed dirty blocks"),
-        (Err(DiffError::Frame { frame, .. }), Some(bad)) => assert_eq!(frame, bad),
-        (r, bad) => panic!("streaming ended with {r:?}; the first bad frame is {bad:?}"),
+        (Err(DiffError::Frame { frame, .. }), Some((bad, Expect::BadFrame))) => {
+            assert_eq!(frame, bad)
+        }
+        (
+            Err(DiffError::Reference {
+                frame,
+                problem: RefProblem::Mismatch { .. },
+                ..
+            }),
+            Some((bad, Expect::Mismatch)),
+        ) => assert_eq!(frame, bad),
+        (r, bad) => panic!(
+            "streaming ended with {r:?}; the first bad frame is {:?}",
+            bad.map(|b| b.0)
+        ),
+    }
+    // Without a parent: the same, stopping at the first reference too.
+    let stop = frames
+        .iter()
+        .zip(&checked)
+        .position(|(fr, e)| fr.reference.is_some() || !matches!(e, Expect::Bytes(_)));
+    let r = d.for_each_dirty_run(&Job::new(), |_, _| Ok(()));
+    match (r, stop) {
+        (Ok(()), None) => {}
+        (Err(DiffError::Frame { frame, .. }), Some(i))
+        | (Err(DiffError::Reference { frame, .. }), Some(i)) => assert_eq!(frame, i),
+        (r, stop) => {
+            panic!("streaming without a parent ended with {r:?}; expected a stop at {stop:?}")
+        }
     }
 }
 
@@ -399,32 +565,48 @@ type Fill<'a> = dyn Fn(u64, &mut [u8]) -> Result<(), DiffError> + 'a;
 
 /// Writes shape `i` as `opts` say with the data `fill` gives.
 fn seed_file(dir: &std::path::Path, i: usize, opts: &WriteOptions, fill: &Fill<'_>) -> Vec<u8> {
+    seed_file_refs(dir, i, opts, fill, &[])
+}
+
+/// [`seed_file`], the dirty blocks `refs` lists as `(block, parent block)` stored as
+/// references to the harness's parent state.
+fn seed_file_refs(
+    dir: &std::path::Path,
+    i: usize,
+    opts: &WriteOptions,
+    fill: &Fill<'_>,
+    refs: &[(u64, u64)],
+) -> Vec<u8> {
     let (size, bs, ranges) = SHAPES[i];
     let g = Geometry::new(size, bs).expect("seed geometry");
     let mut t = Tracker::new();
     for &(s, e, st) in ranges {
         t.set_range(s, e, st);
     }
-    let p = dir.join(format!("{i}-{}-{}.vsnap", opts.version, opts.compression));
+    let mut references = References::new();
+    for &(b, source) in refs {
+        references.push(b, source, crc32c::crc32c(&parent_block(g, source)));
+    }
+    let p = dir.join(format!(
+        "{i}-{}-{}-{}.vsnap",
+        opts.version,
+        opts.compression,
+        refs.len()
+    ));
     let parent = if i.is_multiple_of(2) {
         Uuid::nil()
     } else {
         Uuid::from_u128(0x1234)
     };
-    let id = Uuid::from_u128(i as u128 + 1);
-    write_diff(
-        &p,
-        false,
-        g,
-        i as u64 + 1,
-        id,
+    let spec = DiffSpec {
+        geometry: g,
+        generation: i as u64 + 1,
+        id: Uuid::from_u128(i as u128 + 1),
         parent,
-        &t,
-        &fill,
-        opts,
-        &Job::new(),
-    )
-    .expect("write seed diff");
+        tracker: &t,
+        references: &references,
+    };
+    write_diff_spec(&p, false, &spec, &fill, opts, &Job::new()).expect("write seed diff");
     std::fs::read(&p).expect("read seed diff")
 }
 
@@ -480,6 +662,46 @@ pub fn seeds() -> Vec<Vec<u8>> {
         out.push([&[0u8][..], &seed_file(dir.path(), i, &raw, &mixed)].concat());
         out.push([&[FIX_ALL][..], &seed_file(dir.path(), i, &zstd, &mixed)].concat());
     }
+    // References to the parent state (parent dedupe): runs, single blocks, a block copying
+    // itself, the short last block; with data frames around them, raw and compressed.
+    let with_refs: [(usize, &[(u64, u64)]); 3] = [
+        (0, &[(1, 40), (2, 41), (127, 127)]),
+        (1, &[(3, 3)]),
+        (
+            4,
+            &[
+                (7, 100),
+                (64, 0),
+                (65, 1),
+                (66, 2),
+                (67, 3),
+                (68, 4),
+                (69, 5),
+            ],
+        ),
+    ];
+    for (i, refs) in with_refs {
+        let bs = SHAPES[i].1;
+        let raw = WriteOptions::new(Compression::None);
+        let zstd = WriteOptions {
+            frame_size: 2 * bs,
+            ..WriteOptions::new(Compression::Zstd(3))
+        };
+        out.push(
+            [
+                &[0u8][..],
+                &seed_file_refs(dir.path(), i, &raw, &mixed, refs),
+            ]
+            .concat(),
+        );
+        out.push(
+            [
+                &[FIX_ALL][..],
+                &seed_file_refs(dir.path(), i, &zstd, &mixed, refs),
+            ]
+            .concat(),
+        );
+    }
     out
 }
 
@@ -490,7 +712,8 @@ pub const DICT: &[&[u8]] = &[
     &[0x3b, 0x30, 0, 0],
     &[0, 2, 0, 0],
     &[0, 0x10, 0, 0],
-    // Version 2, the zstd frame magic, index entry kinds and codecs.
+    // Version 2, the zstd frame magic, index entry kinds and codecs (a reference: kind 1,
+    // codec 0).
     &[2, 0, 0, 0],
     &[0x28, 0xb5, 0x2f, 0xfd],
     &[0, 1, 0, 0],
@@ -513,16 +736,19 @@ mod tests {
     fn seeds_open_and_verify() {
         let seeds = seeds();
         let mut versions = [0, 0];
-        let mut zstd_frames = 0;
+        let (mut zstd_frames, mut referenced) = (0, 0);
         for s in &seeds {
             let (d, _) = opened(s);
             d.verify(&Job::new()).unwrap();
+            d.verify_in(&Job::new(), &read_parent).unwrap();
             versions[(d.header.version - 1) as usize] += 1;
             zstd_frames += d.data_stats().zstd_frames;
+            referenced += d.data_stats().referenced_blocks;
             diff_decode(s);
         }
-        assert_eq!(versions, [11, 10]);
+        assert_eq!(versions, [11, 16]);
         assert!(zstd_frames > 0);
+        assert_eq!(referenced, 2 * (3 + 1 + 7));
     }
 
     #[test]
@@ -567,5 +793,64 @@ mod tests {
             matches!(e, DiffError::Frame { frame, .. } if frame == i),
             "{e}"
         );
+    }
+
+    #[test]
+    fn references_resolve_against_the_harness_parent_and_damage_is_named() {
+        let seeds = seeds();
+        let s = seeds
+            .iter()
+            .find(|s| {
+                let d = opened(s).0;
+                d.data_stats().referenced_blocks > 1 && d.data_stats().zstd_frames == 0
+            })
+            .expect("a raw seed with references");
+        let (d, f) = opened(s);
+        let i = d
+            .frames()
+            .iter()
+            .position(|fr| fr.reference.is_some())
+            .unwrap();
+        let fr = d.frames()[i];
+        // A recorded block checksum changed, the entry's own made to agree: the diff alone
+        // cannot tell, the parent can.
+        let mut g = f.clone();
+        let at = fr.stored_offset as usize;
+        g[at] ^= 1;
+        let p = scratch_file();
+        std::fs::write(&p, &g).unwrap();
+        assert!(matches!(
+            DiffFile::open(&p).unwrap().verify(&Job::new()),
+            Err(DiffError::Frame { .. })
+        ));
+        let mut fixed = g.clone();
+        fix_up(FIX_TRAILER, &mut fixed);
+        let ix = fixed.len() - v2::TRAILER_LEN as usize - d.frames().len() * v2::ENTRY_LEN as usize;
+        let e = ix + i * v2::ENTRY_LEN as usize;
+        let list: Vec<u32> = fixed[at..at + fr.stored_len as usize]
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let stored_crc = crc32c::crc32c(&fixed[at..at + fr.stored_len as usize]);
+        put32(&mut fixed, e + 28, stored_crc);
+        put32(&mut fixed, e + 32, combine_crcs(list, d.geometry().bs()));
+        fix_up(FIX_TRAILER, &mut fixed);
+        std::fs::write(&p, &fixed).unwrap();
+        let damaged = DiffFile::open(&p).unwrap();
+        damaged.verify(&Job::new()).unwrap();
+        let r = damaged.verify_in(&Job::new(), &read_parent);
+        assert!(
+            matches!(r, Err(DiffError::Reference { frame, problem: RefProblem::Mismatch { .. }, .. }) if frame == i),
+            "{r:?}"
+        );
+        diff_decode(&[&[0u8][..], &fixed].concat());
+        // The chunk fix-up makes it agree with the parent again.
+        let mut again = fixed.clone();
+        fix_up(FIX_CHUNKS | FIX_TRAILER, &mut again);
+        std::fs::write(&p, &again).unwrap();
+        DiffFile::open(&p)
+            .unwrap()
+            .verify_in(&Job::new(), &read_parent)
+            .unwrap();
     }
 }

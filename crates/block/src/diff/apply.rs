@@ -1,10 +1,16 @@
-//! base + diffs → a raw image byte-identical to the disk at the last diff's cut.
+//! base + diffs → a raw image byte-identical to the disk at the last diff's cut. Before a diff
+//! is applied the output image is exactly its parent state, so references read it; the parent
+//! blocks the diff itself overwrites are spooled first.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::{DiffError, DiffFile, DiffIo};
+use roaring::RoaringBitmap;
+
+use super::chain::ImageParent;
+use super::file::{check_blocks, read_parent_blocks};
+use super::{DiffError, DiffFile, DiffIo, ParentState, Piece};
 use crate::fsutil::{self, AtomicFile};
 use crate::geometry::Geometry;
 use crate::job::Job;
@@ -124,14 +130,128 @@ pub fn apply_to(
         fsutil::copy_data_extents(&src, dst.file(), len).dctx(ctx)?;
     }
     for d in &diffs {
-        for (s, e) in runs(d.tracker().zero()) {
-            let (start, end) = (u64::from(s) * g.bs(), (e * g.bs()).min(g.size));
-            fsutil::punch_or_zero(dst.file(), start, end - start).dctx(ctx)?;
-        }
-        d.for_each_dirty_run(job, |off, bytes| {
-            dst.file().write_all_at(bytes, off).dctx(ctx)
-        })?;
+        apply_one(d, dst.file(), out, job)?;
     }
     dst.commit().dctx(ctx)?;
     Ok(g)
+}
+
+/// Applies `d` to `dst` (at `out`), which holds exactly `d`'s parent state.
+fn apply_one(d: &DiffFile, dst: &File, out: &Path, job: &Job) -> Result<(), DiffError> {
+    let g = d.geometry();
+    let bs = g.bs();
+    let ctx = || format!("write {}", out.display());
+    let image = ImageParent::new(dst, out);
+    // Parent blocks that references copy and that `d` itself changes: read before anything is.
+    let spool = Spool::new(d, &image, out)?;
+    for (s, e) in runs(d.tracker().zero()) {
+        let (start, end) = (u64::from(s) * bs, (e * bs).min(g.size));
+        fsutil::punch_or_zero(dst, start, end - start).dctx(ctx)?;
+    }
+    let mut buf = Vec::new();
+    d.for_each_piece(job, |off, piece| {
+        let bytes = match piece {
+            Piece::Data(bytes) => bytes,
+            Piece::Reference {
+                frame,
+                source,
+                crcs,
+            } => {
+                buf.resize(crcs.len() * bs as usize, 0);
+                spool.read(&image, g, source, &mut buf)?;
+                check_blocks(frame, source, crcs, &buf, bs)?;
+                let len = (buf.len() as u64).min(g.size - off) as usize;
+                &buf[..len]
+            }
+        };
+        dst.write_all_at(bytes, off).dctx(ctx)
+    })
+}
+
+/// The parent blocks a diff's references copy and the diff itself overwrites or zeroes, saved in
+/// a temporary file beside the output (removed when dropped) before the diff is applied. Memory:
+/// one bitmap of those blocks; block `s` is at `(rank(s) - 1) × block size` in the file.
+struct Spool {
+    blocks: RoaringBitmap,
+    file: Option<AtomicFile>,
+}
+
+impl Spool {
+    fn new(d: &DiffFile, parent: &ImageParent<'_>, out: &Path) -> Result<Self, DiffError> {
+        let g = d.geometry();
+        let bs = g.bs();
+        let mut changed = d.tracker().dirty().clone();
+        changed |= d.tracker().zero();
+        let mut blocks = RoaringBitmap::new();
+        for f in d.frames() {
+            if let Some(source) = f.reference {
+                let n = u64::from(f.raw_len) / bs;
+                let mut r = RoaringBitmap::new();
+                r.insert_range(Geometry::idx(source)..=Geometry::idx(source + n - 1));
+                r &= &changed;
+                blocks |= r;
+            }
+        }
+        if blocks.is_empty() {
+            return Ok(Self { blocks, file: None });
+        }
+        let path = out.with_file_name(format!(
+            "{}.spool",
+            out.file_name().unwrap_or_default().to_string_lossy()
+        ));
+        let f = AtomicFile::create(&path, true).dctx(|| format!("create {}", path.display()))?;
+        let mut buf = vec![0u8; (1 << 20).max(bs as usize)];
+        let mut slot = 0u64;
+        for (s, e) in runs(&blocks) {
+            let mut b = u64::from(s);
+            while b < e {
+                let n = (e - b).min(buf.len() as u64 / bs);
+                let chunk = &mut buf[..(n * bs) as usize];
+                read_parent_blocks(parent, g, b, chunk)?;
+                f.file()
+                    .write_all_at(chunk, slot * bs)
+                    .dctx(|| format!("write {}", f.temp_path().display()))?;
+                slot += n;
+                b += n;
+            }
+        }
+        Ok(Self {
+            blocks,
+            file: Some(f),
+        })
+    }
+
+    /// Reads whole parent blocks `first ..` into `buf`: spooled ones from the spool, the others
+    /// from `parent` (which `d` leaves as they are).
+    fn read(
+        &self,
+        parent: &dyn ParentState,
+        g: Geometry,
+        first: u64,
+        buf: &mut [u8],
+    ) -> Result<(), DiffError> {
+        let bs = g.bs();
+        let n = buf.len() as u64 / bs;
+        let mut j = 0;
+        while j < n {
+            let b = first + j;
+            let spooled = self.blocks.contains(Geometry::idx(b));
+            let mut k = j + 1;
+            while k < n && self.blocks.contains(Geometry::idx(first + k)) == spooled {
+                k += 1;
+            }
+            let dst = &mut buf[(j * bs) as usize..(k * bs) as usize];
+            match &self.file {
+                Some(f) if spooled => {
+                    let slot = self.blocks.rank(Geometry::idx(b)) - 1;
+                    f.file()
+                        .read_exact_at(dst, slot * bs)
+                        .dctx(|| format!("read {}", f.temp_path().display()))?;
+                }
+                _ => read_parent_blocks(parent, g, b, dst)?,
+            }
+            j = k;
+        }
+        Ok(())
+    }
 }

@@ -1,6 +1,8 @@
 //! One frame of the data section: a run of consecutive dirty blocks (in rank order), stored raw
 //! or as one zstd frame, with CRC-32C of the stored and of the raw bytes. Both versions read
-//! through it: a version-1 chunk is a raw frame whose two checksums are the chunk's one.
+//! through it: a version-1 chunk is a raw frame whose two checksums are the chunk's one. A
+//! version-2 reference entry is a frame too: its blocks are copies of parent-state blocks, and
+//! what it stores is their checksums.
 
 use std::cell::RefCell;
 use std::fmt;
@@ -47,12 +49,29 @@ pub struct Frame {
     pub codec: Codec,
     pub stored_crc: u32,
     pub raw_crc: u32,
+    /// A reference entry: the first of the parent-state blocks (the disk exactly as it is below
+    /// the diff) that this entry's blocks are copies of, in order. Its stored bytes are the
+    /// CRC-32C of each block (4 bytes, little-endian), its raw checksum theirs combined.
+    /// `None`: the blocks' bytes are stored here.
+    pub reference: Option<u64>,
 }
 
 impl Frame {
     pub fn raw_end(&self) -> u64 {
         self.raw_offset + u64::from(self.raw_len)
     }
+}
+
+/// The CRC-32C of the concatenation of blocks of `block_size` bytes whose own CRC-32C are
+/// `crcs`, in order (what a reference entry's raw checksum is).
+pub fn combine_crcs(crcs: impl IntoIterator<Item = u32>, block_size: u64) -> u32 {
+    let mut it = crcs.into_iter();
+    let Some(first) = it.next() else {
+        return crc32c::crc32c(&[]);
+    };
+    it.fold(first, |acc, c| {
+        crc32c::crc32c_combine(acc, c, block_size as usize)
+    })
 }
 
 /// What a writer does to each frame's raw bytes.
@@ -271,6 +290,8 @@ pub enum FrameProblem {
     Size { expected: u64, found: u64 },
     #[error("does not decompress: {0}")]
     Decompress(String),
+    #[error("its block checksums do not combine to its raw checksum")]
+    BlockChecksums,
 }
 
 #[cfg(test)]
@@ -291,6 +312,7 @@ mod tests {
             codec,
             stored_crc: crc32c::crc32c(stored),
             raw_crc: crc32c::crc32c(raw),
+            reference: None,
         };
         (f, stored.to_vec())
     }
@@ -411,5 +433,13 @@ mod tests {
             problem(&j, &junk, &mut raw),
             FrameProblem::Decompress(_)
         ));
+    }
+
+    #[test]
+    fn block_checksums_combine_to_the_checksum_of_their_concatenation() {
+        let t = text(5 * 512);
+        let crcs = t.chunks(512).map(crc32c::crc32c);
+        assert_eq!(combine_crcs(crcs, 512), crc32c::crc32c(&t));
+        assert_eq!(combine_crcs([], 512), crc32c::crc32c(&[]));
     }
 }

@@ -2,9 +2,12 @@
 //! self-describing, checksummed file (docs/diff-format.md), and the tools over it. Version 2
 //! stores the bytes as independently compressed frames with an index, so one block is read by
 //! decoding one frame; version 1 (raw bytes, per-chunk checksums) is still read everywhere.
+//! A version-2 diff may store dirty blocks its parent state already holds as references to
+//! them (parent dedupe): every reader resolves those against the disk below the diff.
 
 mod apply;
 mod cache;
+mod chain;
 mod file;
 mod format;
 mod frame;
@@ -15,13 +18,14 @@ pub mod v2;
 mod write;
 
 pub use apply::{apply, apply_to, check_chain, check_root, ChainRoot};
-pub use file::{DataStats, DiffFile};
+pub use chain::{read_chain, ImageParent, ParentState};
+pub use file::{DataStats, DiffFile, Piece};
 pub use format::{
     DiffHeader, FRAME_SIZE, HEADER_LEN, MAGIC, MAX_FRAME_SIZE, TRAILER_MAGIC, VERSION, VERSION_1,
 };
-pub use frame::{Codec, Compression, Frame, FrameProblem};
+pub use frame::{combine_crcs, Codec, Compression, Frame, FrameProblem};
 pub use squash::{squash, squash_with};
-pub use write::{write_diff, BlockSource, WriteOptions};
+pub use write::{write_diff, write_diff_spec, BlockSource, DiffSpec, References, WriteOptions};
 
 use std::io;
 
@@ -47,6 +51,14 @@ pub enum DiffError {
     },
     #[error("{0}: this build does not read it")]
     Unsupported(String),
+    /// A reference entry (parent dedupe) that cannot be resolved: see [`RefProblem`].
+    #[error("frame {frame} refers to parent blocks {first}..{end}: {problem}")]
+    Reference {
+        frame: usize,
+        first: u64,
+        end: u64,
+        problem: RefProblem,
+    },
     #[error("invalid write options: {0}")]
     Options(String),
     #[error("corrupt: {0}")]
@@ -74,6 +86,21 @@ pub enum DiffError {
         #[source]
         source: io::Error,
     },
+}
+
+/// Why a reference to parent-state blocks is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RefProblem {
+    /// A dangling reference: it names blocks the device does not have.
+    #[error("outside the {blocks}-block device")]
+    OutsideDevice { blocks: u64 },
+    /// The parent block does not hold the bytes the diff recorded for it: the disk below is not
+    /// the one the diff was cut on (another base, or a chain in another order).
+    #[error("parent block {block} does not hold the bytes this diff recorded: the disk below is not the one this diff was cut on")]
+    Mismatch { block: u64 },
+    /// The reader has no parent state to read the blocks from.
+    #[error("{0}")]
+    NoParent(String),
 }
 
 impl From<crate::job::Cancelled> for DiffError {

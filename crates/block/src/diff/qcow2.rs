@@ -1,7 +1,9 @@
 //! Export a diff as a qcow2 (version 3) overlay over its parent: dirty blocks become allocated
 //! data clusters, zero blocks zero clusters (reads as zero, nothing allocated), untouched blocks
 //! unallocated (read from the backing file). The cluster size is the diff's block size, so every
-//! block maps to exactly one cluster.
+//! block maps to exactly one cluster. A qcow2 cluster cannot point into the backing file, so a
+//! diff's references are resolved: their bytes are read from a raw image of the diff's parent
+//! (the backing file itself when it is raw) and written as data.
 //!
 //! Layout, computed up front so the file is written front to back:
 //! header (+ extensions, backing name) | L1 | refcount table | refcount blocks | L2s | data.
@@ -13,7 +15,7 @@ use std::path::Path;
 
 use roaring::RoaringBitmap;
 
-use super::{ChainRoot, DiffError, DiffFile, DiffIo};
+use super::{ChainRoot, DiffError, DiffFile, DiffIo, ImageParent, RefProblem};
 use crate::fsutil::AtomicFile;
 use crate::job::Job;
 use crate::tracker::runs;
@@ -64,6 +66,21 @@ pub fn to_qcow2_over(
     overwrite: bool,
     job: &Job,
 ) -> Result<(), DiffError> {
+    to_qcow2_with(diff, backing, None, root, out, overwrite, job)
+}
+
+/// [`to_qcow2_over`], the diff's references read from `parent`, a raw image of the diff's
+/// parent state (by default `backing`, which then must be raw: a diff with references over a
+/// qcow2 backing file is refused without one).
+pub fn to_qcow2_with(
+    diff: &Path,
+    backing: &Path,
+    parent: Option<&Path>,
+    root: ChainRoot,
+    out: &Path,
+    overwrite: bool,
+    job: &Job,
+) -> Result<(), DiffError> {
     let d = DiffFile::open(diff)?;
     super::check_root(std::slice::from_ref(&d), root)?;
     let g = d.geometry();
@@ -75,6 +92,42 @@ pub fn to_qcow2_over(
             found: format!("{backing_size} in {}", backing.display()),
         });
     }
+    // Where references are read: checked before anything is written.
+    let parent = match (parent, fmt) {
+        (Some(p), _) => Some(p),
+        (None, "raw") => Some(backing),
+        (None, _) => None,
+    };
+    let first_reference = d.frames().iter().enumerate().find_map(|(i, f)| {
+        let first = f.reference?;
+        Some((i, first, first + u64::from(f.raw_len) / g.bs()))
+    });
+    let parent_file = match (parent, first_reference) {
+        (_, None) => None,
+        (Some(p), Some(_)) => {
+            let (pfmt, psize) = probe_format(p)?;
+            if pfmt != "raw" || psize != g.size {
+                return Err(DiffError::Mismatch {
+                    what: "parent image",
+                    expected: format!("a raw image of {} bytes", g.size),
+                    found: format!("{pfmt}, {psize} bytes: {}", p.display()),
+                });
+            }
+            Some((File::open(p).dctx(|| format!("open {}", p.display()))?, p))
+        }
+        (None, Some((frame, first, end))) => {
+            return Err(DiffError::Reference {
+                frame,
+                first,
+                end,
+                problem: RefProblem::NoParent(format!(
+                    "{} stores blocks as copies of its parent, and the backing file {} is {fmt}: give a raw image of the parent to read them from",
+                    diff.display(),
+                    backing.display()
+                )),
+            })
+        }
+    };
     let backing_name = std::fs::canonicalize(backing)
         .dctx(|| format!("resolve {}", backing.display()))?
         .to_string_lossy()
@@ -192,14 +245,18 @@ pub fn to_qcow2_over(
     // Data, streamed (and checksum-verified) from the diff; the last block is zero-padded.
     job.set_total(d.header.data_len());
     let pad = vec![0u8; cluster as usize];
-    d.for_each_dirty_run(job, |_, bytes| {
+    let mut write = |_: u64, bytes: &[u8]| {
         w.write_all(bytes).dctx(ctx)?;
         let tail = bytes.len() as u64 % cluster;
         if tail != 0 {
             w.write_all(&pad[..(cluster - tail) as usize]).dctx(ctx)?;
         }
         Ok(())
-    })?;
+    };
+    match &parent_file {
+        Some((f, p)) => d.for_each_dirty_run_in(job, &ImageParent::new(f, p), &mut write)?,
+        None => d.for_each_dirty_run(job, &mut write)?,
+    }
     w.flush().dctx(ctx)?;
     drop(w);
     dst.file().set_len(total_clusters * cluster).dctx(ctx)?;

@@ -59,6 +59,7 @@ pub fn frames(h: &DiffHeader, table: &[u8]) -> Vec<Frame> {
                 codec: Codec::Stored,
                 stored_crc: crc,
                 raw_crc: crc,
+                reference: None,
             }
         })
         .collect()

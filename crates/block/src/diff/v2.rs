@@ -5,7 +5,7 @@
 
 use super::format::{DiffHeader, TRAILER_MAGIC};
 use super::frame::{Codec, Frame};
-use super::DiffError;
+use super::{DiffError, RefProblem};
 
 pub const ENTRY_LEN: u64 = 64;
 pub const TRAILER_LEN: u64 = 40;
@@ -15,10 +15,12 @@ pub const MAX_FRAMES: u64 = 1 << 24;
 
 /// Entry kind: the frame's bytes are in this file.
 pub const KIND_DATA: u8 = 0;
-/// Entry kind reserved for parent dedupe: the frame's blocks are blocks of an older generation
-/// of the chain, named in the entry's reference field (docs/diff-format.md). Not written yet;
-/// this build refuses it.
+/// Entry kind of parent dedupe: the frame's blocks are copies of blocks of the diff's parent
+/// state (the disk exactly as it is below the diff), consecutive from the block the entry names
+/// on; what it stores is each block's CRC-32C (docs/diff-format.md).
 pub const KIND_REFERENCE: u8 = 1;
+/// Bytes a reference entry stores per block: the block's CRC-32C.
+pub const REF_CRC_LEN: u64 = 4;
 
 /// The trailer: what a reader needs to find the index from the end of the file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,7 +102,10 @@ impl Trailer {
 
 pub fn encode_entry(f: &Frame) -> [u8; ENTRY_LEN as usize] {
     let mut e = [0u8; ENTRY_LEN as usize];
-    e[0] = KIND_DATA;
+    e[0] = match f.reference {
+        Some(_) => KIND_REFERENCE,
+        None => KIND_DATA,
+    };
     e[1] = f.codec.byte();
     // 2..4: flags, zero.
     e[4..8].copy_from_slice(&f.raw_len.to_le_bytes());
@@ -109,14 +114,19 @@ pub fn encode_entry(f: &Frame) -> [u8; ENTRY_LEN as usize] {
     e[24..28].copy_from_slice(&f.stored_len.to_le_bytes());
     e[28..32].copy_from_slice(&f.stored_crc.to_le_bytes());
     e[32..36].copy_from_slice(&f.raw_crc.to_le_bytes());
-    // 36..40: reserved; 40..64: the reference of a `KIND_REFERENCE` entry. Zero.
+    // 36..40: reserved, zero. 40..48: a reference's first parent block; 48..64 reserved, zero.
+    if let Some(source) = f.reference {
+        e[40..48].copy_from_slice(&source.to_le_bytes());
+    }
     e
 }
 
 /// Decodes index entries in order, each checked against the one before: frames tile the raw
-/// data and the frame section exactly, in order, each within the header's frame size.
+/// data and the frame section exactly, in order, each within the header's frame size; a
+/// reference names parent blocks inside the device.
 pub struct IndexReader {
     bs: u64,
+    blocks: u64,
     frame_size: u32,
     next_raw: u64,
     next_stored: u64,
@@ -129,6 +139,7 @@ impl IndexReader {
     pub fn new(h: &DiffHeader, t: &Trailer) -> Self {
         Self {
             bs: h.geometry.bs(),
+            blocks: h.geometry.blocks(),
             frame_size: h.frame_size,
             next_raw: 0,
             next_stored: h.data_offset(),
@@ -141,23 +152,26 @@ impl IndexReader {
     pub fn entry(&mut self, e: &[u8]) -> Result<Frame, DiffError> {
         let i = self.index;
         let bad = |m: String| Err(DiffError::Index(format!("entry {i}: {m}")));
-        match e[0] {
-            KIND_DATA => {}
-            KIND_REFERENCE => {
-                return Err(DiffError::Unsupported(format!(
-                    "frame {i} refers to blocks of another generation"
-                )))
-            }
+        let reference = match e[0] {
+            KIND_DATA => false,
+            KIND_REFERENCE => true,
             k => return Err(DiffError::Unsupported(format!("frame {i} has kind {k}"))),
-        }
+        };
         let Some(codec) = Codec::from_byte(e[1]) else {
             return Err(DiffError::Unsupported(format!(
                 "frame {i} has codec {}",
                 e[1]
             )));
         };
-        if e[2..4] != [0, 0] || e[36..64].iter().any(|&b| b != 0) {
+        let nonzero = |r: std::ops::Range<usize>| e[r].iter().any(|&b| b != 0);
+        if nonzero(2..4) || nonzero(36..40) || (!reference && nonzero(40..64)) {
             return bad("unknown flags or reserved bytes set".into());
+        }
+        // Room for references of another shape (say, to a named generation): refused as such.
+        if reference && nonzero(48..64) {
+            return Err(DiffError::Unsupported(format!(
+                "frame {i} refers to parent blocks with fields"
+            )));
         }
         let f = Frame {
             raw_len: u32_at(e, 4),
@@ -167,6 +181,7 @@ impl IndexReader {
             stored_crc: u32_at(e, 28),
             raw_crc: u32_at(e, 32),
             codec,
+            reference: reference.then(|| u64_at(e, 40)),
         };
         if f.raw_offset != self.next_raw || f.stored_offset != self.next_stored {
             return bad(format!(
@@ -183,19 +198,37 @@ impl IndexReader {
                 f.raw_len, self.frame_size
             ));
         }
-        let max_stored = match codec {
-            Codec::Stored => f.raw_len as usize,
-            Codec::Zstd => zstd::zstd_safe::compress_bound(f.raw_len as usize),
-        };
-        let stored_ok = match codec {
-            Codec::Stored => f.stored_len == f.raw_len && f.stored_crc == f.raw_crc,
-            Codec::Zstd => f.stored_len > 0 && f.stored_len as usize <= max_stored,
+        let blocks = u64::from(f.raw_len) / self.bs;
+        let stored_ok = match (f.reference, codec) {
+            (Some(_), Codec::Stored) => u64::from(f.stored_len) == REF_CRC_LEN * blocks,
+            (Some(_), Codec::Zstd) => false,
+            (None, Codec::Stored) => f.stored_len == f.raw_len && f.stored_crc == f.raw_crc,
+            (None, Codec::Zstd) => {
+                f.stored_len > 0
+                    && f.stored_len as usize <= zstd::zstd_safe::compress_bound(f.raw_len as usize)
+            }
         };
         if !stored_ok {
+            let what = if reference { " (a reference)" } else { "" };
             return bad(format!(
-                "{} stored bytes for {} raw bytes {codec:?}",
+                "{} stored bytes for {} raw bytes {codec:?}{what}",
                 f.stored_len, f.raw_len
             ));
+        }
+        if let Some(first) = f.reference {
+            if first
+                .checked_add(blocks)
+                .is_none_or(|end| end > self.blocks)
+            {
+                return Err(DiffError::Reference {
+                    frame: i,
+                    first,
+                    end: first.saturating_add(blocks),
+                    problem: RefProblem::OutsideDevice {
+                        blocks: self.blocks,
+                    },
+                });
+            }
         }
         self.next_raw = f.raw_end();
         self.next_stored += u64::from(f.stored_len);
@@ -248,6 +281,16 @@ mod tests {
             codec: Codec::Zstd,
             stored_crc: 1,
             raw_crc: 2,
+            reference: None,
+        }
+    }
+
+    fn reference(raw_offset: u64, blocks: u32, stored_offset: u64, source: u64) -> Frame {
+        Frame {
+            codec: Codec::Stored,
+            stored_len: 4 * blocks,
+            reference: Some(source),
+            ..frame(raw_offset, blocks * 4096, stored_offset, 0)
         }
     }
 
@@ -320,7 +363,7 @@ mod tests {
         }
         // Kinds and codecs this build does not know are refused as such.
         let mut e = encode_entry(&good[0]);
-        e[0] = KIND_REFERENCE;
+        e[0] = 2;
         let r = IndexReader::new(&h, &t).entry(&e);
         assert!(matches!(r, Err(DiffError::Unsupported(_))), "{r:?}");
         let mut e = encode_entry(&good[0]);
@@ -331,6 +374,11 @@ mod tests {
         e[50] = 1;
         let r = IndexReader::new(&h, &t).entry(&e);
         assert!(matches!(r, Err(DiffError::Index(_))), "{r:?}");
+        // A data entry turned into a reference stores the wrong amount.
+        let mut e = encode_entry(&good[0]);
+        e[0] = KIND_REFERENCE;
+        let r = IndexReader::new(&h, &t).entry(&e);
+        assert!(matches!(r, Err(DiffError::Index(_))), "{r:?}");
         // A stored frame holds exactly its raw bytes.
         let stored = Frame {
             codec: Codec::Stored,
@@ -338,5 +386,66 @@ mod tests {
         };
         let r = IndexReader::new(&h, &t).entry(&encode_entry(&stored));
         assert!(matches!(r, Err(DiffError::Index(_))), "{r:?}");
+    }
+
+    #[test]
+    fn references_tile_like_frames_and_stay_inside_the_device() {
+        let h = header(3);
+        let blocks = h.geometry.blocks();
+        let t = Trailer {
+            stored_len: 200 + 4,
+            frames: 2,
+            bitmaps_crc: 0,
+            index_crc: 0,
+        };
+        let d = h.data_offset();
+        let good = [
+            frame(0, 8192, d, 200),
+            reference(8192, 1, d + 200, blocks - 1),
+        ];
+        let mut r = IndexReader::new(&h, &t);
+        for f in &good {
+            assert_eq!(&r.entry(&encode_entry(f)).unwrap(), f);
+        }
+        r.finish().unwrap();
+        assert_eq!(encode_entry(&good[1])[0], KIND_REFERENCE);
+
+        let second = |f: Frame| {
+            let mut r = IndexReader::new(&h, &t);
+            r.entry(&encode_entry(&good[0])).unwrap();
+            r.entry(&encode_entry(&f))
+        };
+        // Past the device end, or wrapping around: a dangling reference, typed.
+        for source in [blocks, u64::MAX] {
+            let e = second(reference(8192, 1, d + 200, source));
+            assert!(
+                matches!(
+                    e,
+                    Err(DiffError::Reference {
+                        frame: 1,
+                        problem: RefProblem::OutsideDevice { .. },
+                        ..
+                    })
+                ),
+                "{e:?}"
+            );
+        }
+        // Compressed, or storing other than one checksum a block.
+        let zstd = Frame {
+            codec: Codec::Zstd,
+            ..good[1]
+        };
+        assert!(matches!(second(zstd), Err(DiffError::Index(_))));
+        let long = Frame {
+            stored_len: 8,
+            ..good[1]
+        };
+        assert!(matches!(second(long), Err(DiffError::Index(_))));
+        // Fields this build does not know (a named generation, say) are refused as such.
+        let mut e = encode_entry(&good[1]);
+        e[48] = 1;
+        let mut r = IndexReader::new(&h, &t);
+        r.entry(&encode_entry(&good[0])).unwrap();
+        assert!(matches!(r.entry(&e), Err(DiffError::Unsupported(_))));
     }
 }

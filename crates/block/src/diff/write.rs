@@ -1,6 +1,7 @@
-//! Writing a diff: header, bitmaps, the dirty data (version 2: frames, compressed or raw, then
-//! their index; version 1: raw data, then per-chunk checksums), trailer; to a temporary file that
-//! is fsynced and renamed, so a crash never leaves a file that parses.
+//! Writing a diff: header, bitmaps, the dirty data (version 2: frames, compressed or raw, and
+//! references to parent-state blocks, then their index; version 1: raw data, then per-chunk
+//! checksums), trailer; to a temporary file that is fsynced and renamed, so a crash never leaves
+//! a file that parses.
 
 use std::io::{BufWriter, Write};
 use std::path::Path;
@@ -8,14 +9,16 @@ use std::path::Path;
 use uuid::Uuid;
 
 use super::format::{DiffHeader, FRAME_SIZE, MAX_FRAME_SIZE, VERSION, VERSION_1};
-use super::frame::{Codec, Compression, Frame, FrameEncoder};
+use super::frame::{combine_crcs, Codec, Compression, Frame, FrameEncoder};
 use super::{v1, v2, DiffError, DiffIo};
 use crate::fsutil::AtomicFile;
 use crate::geometry::Geometry;
 use crate::job::Job;
 use crate::tracker::{runs, Tracker};
 
-/// Where the bytes of dirty blocks come from: fills `buf` with device bytes at `offset`.
+/// Where the bytes of dirty blocks come from: fills `buf` with device bytes at `offset`. The
+/// bytes of blocks stored as references are not needed: only a source that
+/// [`reads_any_block`](BlockSource::reads_any_block) is asked for a span holding some.
 pub trait BlockSource {
     fn read_blocks(&self, offset: u64, buf: &mut [u8]) -> Result<(), DiffError>;
     /// True if any block may be read, not only dirty ones; nearby runs are then fetched with one
@@ -43,6 +46,13 @@ pub struct WriteOptions {
     pub frame_size: u32,
     /// Threads compressing frames at once (1: the writing thread only).
     pub threads: usize,
+    /// Parent dedupe, for exports of a disk's generation: each dirty block whose bytes the
+    /// parent state (the disk below the generation) already holds is stored as a reference to
+    /// that block, found through the state directory's hash index and verified byte for byte.
+    /// On by default. Version 1 cannot hold references: it ignores this, as do writers that
+    /// have no parent state (`squash` keeps the references its inputs make, re-pointed at the
+    /// result's parent, either way).
+    pub dedupe: bool,
 }
 
 impl Default for WriteOptions {
@@ -52,6 +62,7 @@ impl Default for WriteOptions {
             compression: Compression::DEFAULT,
             frame_size: FRAME_SIZE,
             threads: 1,
+            dedupe: true,
         }
     }
 }
@@ -64,7 +75,7 @@ impl WriteOptions {
         }
     }
 
-    fn check(&self, g: Geometry, data_len: u64) -> Result<(), DiffError> {
+    fn check(&self, g: Geometry, data_len: u64, entries: u64) -> Result<(), DiffError> {
         let bad = |m: String| Err(DiffError::Options(m));
         match (self.version, self.compression) {
             (VERSION, _) | (VERSION_1, Compression::None) => {}
@@ -78,9 +89,9 @@ impl WriteOptions {
                 g.block_size
             ));
         }
-        if self.version == VERSION && data_len.div_ceil(u64::from(fs)) > v2::MAX_FRAMES {
+        if self.version == VERSION && entries > v2::MAX_FRAMES {
             return bad(format!(
-                "frames of {fs} bytes: more than {} for {data_len} bytes",
+                "frames of {fs} bytes: {entries}, more than {}, for {data_len} bytes",
                 v2::MAX_FRAMES
             ));
         }
@@ -89,6 +100,129 @@ impl WriteOptions {
         }
         Ok(())
     }
+}
+
+/// The dirty blocks a diff stores as references: copies of parent-state blocks (the disk
+/// exactly as it is below the diff), each with the CRC-32C of its bytes (a whole block,
+/// zero-padded past the device end). Kept as runs of consecutive blocks copying consecutive
+/// parent blocks, one index entry per run (split at the frame size); 4 bytes a block.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct References {
+    runs: Vec<RefRun>,
+    crcs: Vec<u32>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct RefRun {
+    block: u64,
+    len: u64,
+    source: u64,
+    /// Index of the run's first checksum in `crcs`.
+    crc: usize,
+}
+
+impl References {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds dirty block `block` as a copy of parent block `source`, whose bytes have CRC-32C
+    /// `crc`. Blocks are added in ascending order; a block that continues the last run (the
+    /// next block, copying the next parent block) joins it.
+    ///
+    /// # Panics
+    /// If `block` is not above every block added before.
+    pub fn push(&mut self, block: u64, source: u64, crc: u32) {
+        if let Some(last) = self.runs.last_mut() {
+            assert!(
+                block >= last.block + last.len,
+                "references are added in ascending block order"
+            );
+            if block == last.block + last.len && last.source.checked_add(last.len) == Some(source) {
+                last.len += 1;
+                self.crcs.push(crc);
+                return;
+            }
+        }
+        self.runs.push(RefRun {
+            block,
+            len: 1,
+            source,
+            crc: self.crcs.len(),
+        });
+        self.crcs.push(crc);
+    }
+
+    /// Blocks stored as references.
+    pub fn blocks(&self) -> u64 {
+        self.crcs.len() as u64
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.runs.is_empty()
+    }
+
+    /// The runs, as (first block, parent block it copies, the blocks' checksums).
+    pub fn runs(&self) -> impl Iterator<Item = (u64, u64, &[u32])> + '_ {
+        self.runs
+            .iter()
+            .map(|r| (r.block, r.source, &self.crcs[r.crc..r.crc + r.len as usize]))
+    }
+
+    /// Each run lies inside the dirty set and names parent blocks of the device.
+    fn check(&self, dirty: &roaring::RoaringBitmap, blocks: u64) -> Result<(), DiffError> {
+        for r in &self.runs {
+            let end = r.block + r.len;
+            let in_dirty = end <= blocks
+                && dirty.contains_range(Geometry::idx(r.block)..=Geometry::idx(end - 1));
+            if !in_dirty || r.source.checked_add(r.len).is_none_or(|e| e > blocks) {
+                return Err(DiffError::Options(format!(
+                    "a reference of blocks {}..{end} to {}.. is not of dirty blocks of the device",
+                    r.block, r.source
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// True when a version-2 diff of `dirty` with these references in frames of `frame_size`
+    /// bytes stays within the index entries a reader accepts.
+    pub(crate) fn fits(
+        &self,
+        dirty: &roaring::RoaringBitmap,
+        frame_size: u32,
+        g: Geometry,
+    ) -> bool {
+        let per_frame = (u64::from(frame_size) / g.bs()).max(1);
+        self.entries(dirty, per_frame) <= v2::MAX_FRAMES
+    }
+
+    /// Index entries a version-2 diff of `dirty` with these references takes in frames of
+    /// `per_frame` blocks: each run its own entries, the data between runs (in rank order) cut
+    /// into frames afresh.
+    fn entries(&self, dirty: &roaring::RoaringBitmap, per_frame: u64) -> u64 {
+        let (mut n, mut next_rank) = (0, 0);
+        for r in &self.runs {
+            let rank = dirty.rank(Geometry::idx(r.block)) - 1;
+            n += (rank - next_rank).div_ceil(per_frame) + r.len.div_ceil(per_frame);
+            next_rank = rank + r.len;
+        }
+        n + (dirty.len() - next_rank).div_ceil(per_frame)
+    }
+}
+
+/// What a diff holds: its identity and place in the chain, the blocks' states, and which dirty
+/// blocks are references.
+#[derive(Clone, Copy, Debug)]
+pub struct DiffSpec<'a> {
+    pub geometry: Geometry,
+    pub generation: u64,
+    pub id: Uuid,
+    /// The diff it applies on top of (nil: the base image); references name blocks of the disk
+    /// that diff leaves.
+    pub parent: Uuid,
+    pub tracker: &'a Tracker,
+    pub references: &'a References,
 }
 
 /// Dirty runs merged into spans read at once: runs closer than `MAX_GAP` blocks join a span of
@@ -129,20 +263,50 @@ pub fn write_diff(
     opts: &WriteOptions,
     job: &Job,
 ) -> Result<DiffHeader, DiffError> {
-    let (dirty, zero) = (tracker.dirty(), tracker.zero());
-    let header = DiffHeader {
-        version: opts.version,
+    let spec = DiffSpec {
         geometry,
         generation,
         id,
         parent,
+        tracker,
+        references: &References::new(),
+    };
+    write_diff_spec(path, overwrite, &spec, source, opts, job)
+}
+
+/// Writes the diff `spec` describes (data of the blocks that are not references read from
+/// `source`) to `path`, which must not exist unless `overwrite`. Returns the header written.
+pub fn write_diff_spec(
+    path: &Path,
+    overwrite: bool,
+    spec: &DiffSpec<'_>,
+    source: &dyn BlockSource,
+    opts: &WriteOptions,
+    job: &Job,
+) -> Result<DiffHeader, DiffError> {
+    let (geometry, refs) = (spec.geometry, spec.references);
+    let (dirty, zero) = (spec.tracker.dirty(), spec.tracker.zero());
+    let header = DiffHeader {
+        version: opts.version,
+        geometry,
+        generation: spec.generation,
+        id: spec.id,
+        parent: spec.parent,
         dirty_blocks: dirty.len(),
         zero_blocks: zero.len(),
         dirty_bitmap_len: dirty.serialized_size() as u64,
         zero_bitmap_len: zero.serialized_size() as u64,
         frame_size: opts.frame_size,
     };
-    opts.check(geometry, header.data_len())?;
+    let bs = geometry.bs();
+    if !refs.is_empty() && opts.version == VERSION_1 {
+        return Err(DiffError::Options(
+            "version 1 cannot hold references to parent blocks".into(),
+        ));
+    }
+    refs.check(dirty, geometry.blocks())?;
+    let per_frame = (u64::from(opts.frame_size) / bs).max(1);
+    opts.check(geometry, header.data_len(), refs.entries(dirty, per_frame))?;
     job.set_total(header.data_len());
     let out = AtomicFile::create(path, overwrite).dctx(|| format!("create {}", path.display()))?;
     let ctx = || format!("write {}", path.display());
@@ -155,35 +319,49 @@ pub fn write_diff(
     w.write_all(&bitmaps).dctx(ctx)?;
 
     // Data: dirty blocks in ascending order, a whole block each (the last block of a device
-    // whose size is not a multiple of the block size is zero-padded), cut into frames.
-    let bs = geometry.bs();
+    // whose size is not a multiple of the block size is zero-padded), cut into frames; a run of
+    // references ends the frame being filled and takes entries of its own.
     let mut sink = FrameSink::new(&header, opts)?;
+    let mut refs = refs.runs().peekable();
     let mut span_buf = Vec::new();
     for (span_start, span_end, span_runs) in spans(dirty, bs, source.reads_any_block()) {
         let merged = span_runs.len() > 1;
-        if merged {
-            let (a, b) = (span_start * bs, (span_end * bs).min(geometry.size));
-            span_buf.resize((b - a) as usize, 0);
-            source.read_blocks(a, &mut span_buf)?;
-        }
+        // Read at the first data block it holds: a span of references alone is never read.
+        let mut span_read = false;
         for (start, end) in span_runs {
             let mut b = start;
             while b < end {
-                let room = sink.room();
-                let n = (end - b).min(room.len() as u64 / bs);
-                let dev = b * bs;
-                let dev_end = ((b + n) * bs).min(geometry.size);
-                let dst = &mut room[..(n * bs) as usize];
-                let valid = (dev_end - dev) as usize;
-                if merged {
-                    let o = (dev - span_start * bs) as usize;
-                    dst[..valid].copy_from_slice(&span_buf[o..o + valid]);
-                } else {
-                    source.read_blocks(dev, &mut dst[..valid])?;
+                if let Some(&(rb, source, crcs)) = refs.peek().filter(|r| r.0 == b) {
+                    // `check` keeps a run inside one run of dirty blocks.
+                    sink.reference(source, crcs, &mut w, job, &ctx)?;
+                    b = rb + crcs.len() as u64;
+                    refs.next();
+                    continue;
                 }
-                dst[valid..].fill(0);
-                b += n;
-                sink.filled((n * bs) as usize, &mut w, job, &ctx)?;
+                let seg_end = refs.peek().map_or(end, |r| r.0.min(end));
+                if merged && !span_read {
+                    let (a, z) = (span_start * bs, (span_end * bs).min(geometry.size));
+                    span_buf.resize((z - a) as usize, 0);
+                    source.read_blocks(a, &mut span_buf)?;
+                    span_read = true;
+                }
+                while b < seg_end {
+                    let room = sink.room();
+                    let n = (seg_end - b).min(room.len() as u64 / bs);
+                    let dev = b * bs;
+                    let dev_end = ((b + n) * bs).min(geometry.size);
+                    let dst = &mut room[..(n * bs) as usize];
+                    let valid = (dev_end - dev) as usize;
+                    if merged {
+                        let o = (dev - span_start * bs) as usize;
+                        dst[..valid].copy_from_slice(&span_buf[o..o + valid]);
+                    } else {
+                        source.read_blocks(dev, &mut dst[..valid])?;
+                    }
+                    dst[valid..].fill(0);
+                    b += n;
+                    sink.filled((n * bs) as usize, &mut w, job, &ctx)?;
+                }
             }
         }
     }
@@ -198,6 +376,9 @@ pub fn write_diff(
 /// them in order, keeping the index (version 1: the checksum table) for the end.
 struct FrameSink {
     version: u32,
+    bs: u64,
+    /// Blocks per reference entry at most: the header's frame size.
+    ref_blocks: usize,
     /// Raw bytes per frame: the option, or the whole data when it is smaller.
     frame_size: usize,
     /// One encoder and one frame buffer per thread: buffers `..full` hold frames waiting to be
@@ -227,6 +408,8 @@ impl FrameSink {
             .collect::<Result<_, _>>()?;
         Ok(Self {
             version: opts.version,
+            bs: h.geometry.bs(),
+            ref_blocks: (opts.frame_size as usize / h.geometry.block_size as usize).max(1),
             frame_size,
             encoders,
             bufs: (0..threads).map(|_| vec![0u8; frame_size]).collect(),
@@ -316,6 +499,7 @@ impl FrameSink {
                     codec,
                     stored_crc,
                     raw_crc,
+                    reference: None,
                 };
                 w.write_all(bytes).dctx(ctx)?;
                 self.table.extend_from_slice(&v2::encode_entry(&f));
@@ -327,6 +511,46 @@ impl FrameSink {
         }
         self.full = 0;
         self.fill = 0;
+        Ok(())
+    }
+
+    /// Writes consecutive dirty blocks copying parent blocks `source ..` with checksums `crcs`
+    /// as reference entries (at most a frame's worth of blocks each), after the data before them.
+    fn reference(
+        &mut self,
+        source: u64,
+        crcs: &[u32],
+        w: &mut impl Write,
+        job: &Job,
+        ctx: &dyn Fn() -> String,
+    ) -> Result<(), DiffError> {
+        if self.full > 0 || self.fill > 0 {
+            self.flush(w, job, ctx)?;
+        }
+        let mut source = source;
+        let mut list = Vec::new();
+        for part in crcs.chunks(self.ref_blocks) {
+            list.clear();
+            list.extend(part.iter().flat_map(|c| c.to_le_bytes()));
+            let raw_len = part.len() as u64 * self.bs;
+            let f = Frame {
+                raw_offset: self.raw,
+                raw_len: raw_len as u32,
+                stored_offset: self.stored_offset,
+                stored_len: list.len() as u32,
+                codec: Codec::Stored,
+                stored_crc: crc32c::crc32c(&list),
+                raw_crc: combine_crcs(part.iter().copied(), self.bs),
+                reference: Some(source),
+            };
+            w.write_all(&list).dctx(ctx)?;
+            self.table.extend_from_slice(&v2::encode_entry(&f));
+            self.stored_offset += list.len() as u64;
+            self.raw += raw_len;
+            self.frames += 1;
+            source += part.len() as u64;
+            job.advance(raw_len)?;
+        }
         Ok(())
     }
 
@@ -354,5 +578,72 @@ impl FrameSink {
             .to_vec(),
         };
         w.write_all(&trailer).dctx(ctx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::diff::DiffFile;
+    use crate::tracker::BlockState;
+
+    #[test]
+    fn references_coalesce_and_take_the_entries_counted() {
+        let mut r = References::new();
+        for (b, s) in [(2, 10), (3, 11), (4, 12), (5, 40), (9, 41), (10, 42)] {
+            r.push(b, s, b as u32);
+        }
+        let runs: Vec<(u64, u64, usize)> = r.runs().map(|(b, s, c)| (b, s, c.len())).collect();
+        assert_eq!(runs, [(2, 10, 3), (5, 40, 1), (9, 41, 2)]);
+        assert_eq!(r.blocks(), 6);
+
+        let dir = tempfile::tempdir().unwrap();
+        let g = Geometry::new(64 * 4096, 4096).unwrap();
+        let mut t = Tracker::new();
+        t.set_range(0, 12, BlockState::Dirty);
+        t.set_range(20, 23, BlockState::Dirty);
+        let fill = |off: u64, buf: &mut [u8]| -> Result<(), DiffError> {
+            buf.fill((off / 4096) as u8 | 1);
+            Ok(())
+        };
+        let spec = DiffSpec {
+            geometry: g,
+            generation: 1,
+            id: Uuid::from_u128(1),
+            parent: Uuid::nil(),
+            tracker: &t,
+            references: &r,
+        };
+        for frame_blocks in [1u32, 2, 3, 16] {
+            let opts = WriteOptions {
+                frame_size: frame_blocks * 4096,
+                ..WriteOptions::new(Compression::None)
+            };
+            let p = dir.path().join(format!("{frame_blocks}.diff"));
+            write_diff_spec(&p, false, &spec, &fill, &opts, &Job::new()).unwrap();
+            let d = DiffFile::open(&p).unwrap();
+            assert_eq!(
+                d.frames().len() as u64,
+                r.entries(t.dirty(), u64::from(frame_blocks))
+            );
+            assert_eq!(d.data_stats().referenced_blocks, 6);
+            assert_eq!(d.reference_at(10).unwrap().map(|x| x.0), Some(42));
+            assert_eq!(d.reference_at(1).unwrap(), None);
+        }
+        // Outside the dirty blocks, or naming blocks past the device: refused.
+        for (b, s) in [(12, 0), (0, 63), (0, u64::MAX)] {
+            let mut bad = References::new();
+            bad.push(b, s, 0);
+            bad.push(b + 1, s.wrapping_add(1), 0);
+            let spec = DiffSpec {
+                references: &bad,
+                ..spec
+            };
+            let p = dir.path().join("bad.diff");
+            let opts = WriteOptions::new(Compression::None);
+            let e = write_diff_spec(&p, true, &spec, &fill, &opts, &Job::new()).unwrap_err();
+            assert!(matches!(e, DiffError::Options(_)), "{e}");
+            assert!(!p.exists());
+        }
     }
 }

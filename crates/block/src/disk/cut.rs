@@ -1,6 +1,7 @@
 //! The changes of the layer stack: the cut (DESIGN §2.3) and the fold. Each commits with one
 //! rename of a meta file (see `state`), so after a crash at any point every generation the
-//! directory lists holds exactly its own content.
+//! directory lists holds exactly its own content. A cut never reads or hashes a block; a fold
+//! merges the folded layers' hash lists (parent dedupe's index) without reading any.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -174,14 +175,22 @@ impl Disk {
         std::fs::hard_link(upper.layer.data_file_path(), &data)
             .ctx(|| format!("link {}", data.display()))?;
         let bitmap = Layer::bitmap_path(&self.dir, &stem);
+        let hashes = Layer::hashes_path(&self.dir, &stem);
         let undo = |e: BlockError| {
             let _ = std::fs::remove_file(&data);
             let _ = std::fs::remove_file(&bitmap);
+            let _ = std::fs::remove_file(&hashes);
             e
         };
         write_bitmap_file(&bitmap, &encode_bitmaps(&merged), true)
             .ctx(|| format!("write {}", bitmap.display()))
             .map_err(undo)?;
+        // Parent dedupe's index: the two layers' hash lists merged (no block is read), so the
+        // folded layer's next use needs none. Only a hint: a failure costs reads later.
+        if let Err(e) = self.merge_hashes(&lower, &upper, &stem) {
+            tracing::warn!(generation, error = %e, "fold: cannot merge the layers' hash lists");
+            let _ = std::fs::remove_file(&hashes);
+        }
         let (layer, _) =
             Layer::open(&self.dir, &stem, g, None, &self.files, false).map_err(undo)?;
         let folded = Arc::new(Entry {

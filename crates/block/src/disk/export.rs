@@ -6,7 +6,10 @@ use std::path::Path;
 use std::sync::{Arc, PoisonError};
 
 use super::Disk;
-use crate::diff::{self, write_diff, ChainRoot, Compression, DiffError, WriteOptions};
+use crate::diff::{
+    self, write_diff, write_diff_spec, ChainRoot, Compression, DiffError, DiffSpec, References,
+    WriteOptions, VERSION,
+};
 use crate::error::{BlockError, IoContext, Result};
 use crate::fsutil::AtomicFile;
 use crate::job::Job;
@@ -83,6 +86,8 @@ impl Disk {
     }
 
     /// [`Disk::run_export`], the diff written as `opts` say (a qcow2 overlay ignores them).
+    /// With `opts.dedupe` (the default), dirty blocks the disk below the generation already
+    /// holds are stored as references to those blocks, each verified byte for byte first.
     pub fn run_export_with(
         &self,
         generation: u64,
@@ -142,7 +147,7 @@ impl Disk {
 
     fn export_entry(
         &self,
-        e: &Entry,
+        e: &Arc<Entry>,
         path: &Path,
         qcow2_backing: Option<&Path>,
         opts: &WriteOptions,
@@ -150,22 +155,32 @@ impl Disk {
     ) -> Result<diff::DiffHeader> {
         let tracker = e.layer.tracker().clone();
         let source = LayerSource(&e.layer);
-        let diff_to = |p: &Path, overwrite: bool, opts: &WriteOptions| {
-            write_diff(
-                p,
-                overwrite,
-                self.geom,
-                e.generation,
-                e.id,
-                e.parent,
-                &tracker,
-                &source,
-                opts,
-                job,
-            )
-        };
         let Some(backing) = qcow2_backing else {
-            return Ok(diff_to(path, false, opts)?);
+            // A qcow2 overlay cannot refer to its backing file's clusters: references are for
+            // vsnap diffs only.
+            let refs = if opts.dedupe && opts.version == VERSION && !self.readonly {
+                self.plan_references(e, job)?
+            } else {
+                References::new()
+            };
+            let refs = if refs.fits(tracker.dirty(), opts.frame_size, self.geom) {
+                refs
+            } else {
+                tracing::warn!(
+                    generation = e.generation,
+                    "parent dedupe: the references would need more index entries than a diff holds; stored as data"
+                );
+                References::new()
+            };
+            let spec = DiffSpec {
+                geometry: self.geom,
+                generation: e.generation,
+                id: e.id,
+                parent: e.parent,
+                tracker: &tracker,
+                references: &refs,
+            };
+            return Ok(write_diff_spec(path, false, &spec, &source, opts, job)?);
         };
         // qcow2: through a temporary diff, which the converter streams and verifies; raw, as
         // compressing it would only cost time.
@@ -175,7 +190,19 @@ impl Disk {
             compression: Compression::None,
             ..*opts
         };
-        let r = diff_to(&tmp_diff, true, &raw).and_then(|h| {
+        let r = write_diff(
+            &tmp_diff,
+            true,
+            self.geom,
+            e.generation,
+            e.id,
+            e.parent,
+            &tracker,
+            &source,
+            &raw,
+            job,
+        )
+        .and_then(|h| {
             // A generation above the first lies on the one below, not on the base: `backing`
             // is the caller's image of that parent.
             diff::qcow2::to_qcow2_over(&tmp_diff, backing, ChainRoot::Foreign, path, false, job)

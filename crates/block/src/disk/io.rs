@@ -2,14 +2,15 @@
 //! discards into the active layer with exact sub-block handling, and flush.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{PoisonError, RwLockReadGuard};
+use std::sync::{Arc, PoisonError, RwLockReadGuard};
 
 use super::Disk;
-use crate::error::{BlockError, IoContext, Result};
+use crate::diff::{read_chain, DiffError, DiffIo};
+use crate::error::{BlockError, Result};
 use crate::fsutil;
 use crate::geometry::{Geometry, SECTOR};
 use crate::layer::Layer;
-use crate::stack::{Src, Stack};
+use crate::stack::{Entry, Src, Stack};
 use crate::stats::Stats;
 use crate::tracker::BlockState;
 use crate::zero::is_zero;
@@ -81,6 +82,61 @@ impl Disk {
         Stats::add(&self.stats.flushes, 1);
         Ok(())
     }
+
+    /// Reads `buf` at `offset` from `stack`, skipping its first `skip` layers. The diffs the
+    /// disk was started from resolve their references against the diffs and base below them.
+    fn read_stack(&self, stack: &Stack, offset: u64, buf: &mut [u8], skip: usize) -> Result<()> {
+        let end = offset + buf.len() as u64;
+        for (s, e, src) in stack.resolve(self.geom, offset, end, skip) {
+            let dst = &mut buf[(s - offset) as usize..(e - offset) as usize];
+            match src {
+                Src::Layer(i) => stack.layers[i].layer.read_stored(s, dst)?,
+                Src::Chain(i) => read_chain(
+                    &stack.chain[i..],
+                    &|o, b: &mut [u8]| self.read_base(o, b),
+                    s,
+                    dst,
+                )?,
+                Src::Zero => dst.fill(0),
+                Src::Base => self.read_base(s, dst)?,
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn read_base(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> std::result::Result<(), DiffError> {
+        match &self.base {
+            Some(f) => fsutil::read_at_or_zero(f, buf, offset)
+                .dctx(|| format!("read base {:?}", self.base_path())),
+            None => {
+                buf.fill(0);
+                Ok(())
+            }
+        }
+    }
+
+    /// Reads device bytes at `offset` as they are below frozen `entry`: its parent state, the
+    /// disk its diff applies on. Bytes past the device end read as zero.
+    pub(super) fn read_parent_of(
+        &self,
+        entry: &Arc<Entry>,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<()> {
+        let inside = self.geom.size.saturating_sub(offset).min(buf.len() as u64) as usize;
+        buf[inside..].fill(0);
+        let stack = self.stack.read().unwrap_or_else(PoisonError::into_inner);
+        let i = stack
+            .layers
+            .iter()
+            .position(|e| Arc::ptr_eq(e, entry))
+            .ok_or(BlockError::NoSuchGeneration(entry.generation))?;
+        self.read_stack(&stack, offset, &mut buf[..inside], i + 1)
+    }
 }
 
 impl Io<'_> {
@@ -139,22 +195,7 @@ impl Io<'_> {
 
     /// Reads `buf` at `offset` from the stack, skipping its first `skip` layers.
     fn read_below(&self, offset: u64, buf: &mut [u8], skip: usize) -> Result<()> {
-        let (stack, d) = (&self.stack, self.disk);
-        let end = offset + buf.len() as u64;
-        for (s, e, src) in stack.resolve(d.geom, offset, end, skip) {
-            let dst = &mut buf[(s - offset) as usize..(e - offset) as usize];
-            match src {
-                Src::Layer(i) => stack.layers[i].layer.read_stored(s, dst)?,
-                Src::Chain(i) => stack.chain[i].read_stored(s, dst)?,
-                Src::Zero => dst.fill(0),
-                Src::Base => match &d.base {
-                    Some(f) => fsutil::read_at_or_zero(f, dst, s)
-                        .ctx(|| format!("read base {:?}", d.base_path()))?,
-                    None => dst.fill(0),
-                },
-            }
-        }
-        Ok(())
+        self.disk.read_stack(&self.stack, offset, buf, skip)
     }
 
     fn mutate(&self, offset: u64, len: u64, op: Op<'_>) -> Result<()> {

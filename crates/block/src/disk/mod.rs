@@ -5,6 +5,7 @@
 //! - [`io`]: one request's semantics ([`Io`]) and flush;
 //! - [`cut`]: cut and fold, the changes of the layer stack;
 //! - [`export`]: writing a frozen generation as a diff or qcow2 overlay;
+//! - [`dedupe`]: which of its blocks the disk below already holds (parent dedupe);
 //! - this module: the disk itself and its reports.
 //!
 //! Concurrency: every request holds a read guard on the stack for its whole duration, so a cut
@@ -13,6 +14,7 @@
 //! disjoint blocks never wait for each other. Tracker locks are held only around bitmap updates.
 
 mod cut;
+mod dedupe;
 mod export;
 mod io;
 mod open;

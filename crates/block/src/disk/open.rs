@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use uuid::Uuid;
 
 use super::{Disk, DiskOptions};
-use crate::diff::{check_chain, check_root, DiffFile};
+use crate::diff::{check_chain, check_root, read_chain, DiffFile, ImageParent, ParentState};
 use crate::error::{BlockError, IoContext, Result};
 use crate::fdcache::{FdCache, DEFAULT_CAPACITY};
 use crate::geometry::Geometry;
@@ -237,8 +237,23 @@ impl Disk {
             .collect::<std::result::Result<Vec<_>, _>>()?;
         Self::check_chain_fits(&opts.state_dir, &diffs, g)?;
         check_root(&diffs, opts.chain_root)?;
-        for d in &diffs {
-            d.verify(&Job::new())?;
+        // Every frame, and every reference read from the diffs and base below it and checked:
+        // once, here, as raw frames are (reads later are in place).
+        let base_file = match &base {
+            Some(b) => Some(File::open(b).ctx(|| format!("open base image {}", b.display()))?),
+            None => None,
+        };
+        let read_base = |off: u64, buf: &mut [u8]| match (&base_file, &base) {
+            (Some(f), Some(p)) => ImageParent::new(f, p).read_parent(off, buf),
+            _ => {
+                buf.fill(0);
+                Ok(())
+            }
+        };
+        for (i, d) in diffs.iter().enumerate() {
+            let below: Vec<&DiffFile> = diffs[..i].iter().rev().collect();
+            let parent = |off: u64, buf: &mut [u8]| read_chain(&below, &read_base, off, buf);
+            d.verify_in(&Job::new(), &parent)?;
         }
         let mut m = Manifest::new(g, base, chain);
         m.base_identity = match &m.base {
@@ -328,6 +343,11 @@ impl Disk {
     fn remove_leftovers(&self, replaced: &[String]) {
         let stack = self.stack.read().unwrap_or_else(PoisonError::into_inner);
         let known: Vec<&str> = stack.layers.iter().map(|e| e.stem.as_str()).collect();
+        let chain_ids: Vec<String> = stack
+            .chain
+            .iter()
+            .map(|d| d.header.id.simple().to_string())
+            .collect();
         let Ok(rd) = std::fs::read_dir(&self.dir) else {
             return;
         };
@@ -338,12 +358,25 @@ impl Disk {
                 continue;
             }
             let ours = if name.starts_with('.') {
-                // AtomicFile temporaries of the manifest, metas and bitmaps.
+                // AtomicFile temporaries of the manifest, metas, bitmaps and hash files.
                 name.contains(".vsnap-partial-")
+            } else if let Some(id) = name
+                .strip_prefix("chain-")
+                .and_then(|n| n.strip_suffix(".hashes"))
+            {
+                // The hash list of a diff not in the chain (the chain never changes: damage).
+                !chain_ids.contains(&id.to_string())
             } else {
-                let stem = [".data", ".bitmap", ".bitmap.spare", ".meta", ".live"]
-                    .iter()
-                    .find_map(|sfx| name.strip_suffix(sfx));
+                let stem = [
+                    ".data",
+                    ".bitmap",
+                    ".bitmap.spare",
+                    ".meta",
+                    ".live",
+                    ".hashes",
+                ]
+                .iter()
+                .find_map(|sfx| name.strip_suffix(sfx));
                 stem.is_some_and(|s| s.starts_with("layer-") && !known.contains(&s))
             };
             if ours && std::fs::remove_file(f.path()).is_ok() {

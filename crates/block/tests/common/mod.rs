@@ -83,3 +83,39 @@ pub fn assert_bytes(got: &[u8], want: &[u8]) {
         );
     }
 }
+
+/// Reads the whole virtual disk of a qcow2 overlay written by vsnap (version 3, no
+/// compression, no encryption) over its raw backing image `backing`: data clusters from the
+/// overlay, zero clusters as zeros, unallocated ones from the backing image. An independent
+/// reading of what qemu would show, for tests that run without qemu-img.
+pub fn read_qcow2(overlay: &Path, backing: &[u8]) -> Vec<u8> {
+    let q = std::fs::read(overlay).unwrap();
+    let be32 = |o: usize| u32::from_be_bytes(q[o..o + 4].try_into().unwrap());
+    let be64 = |o: usize| u64::from_be_bytes(q[o..o + 8].try_into().unwrap());
+    assert_eq!(&q[..4], b"QFI\xfb");
+    assert_eq!(be32(4), 3);
+    let cluster = 1usize << be32(20);
+    let size = be64(24) as usize;
+    let (l1_size, l1_off) = (be32(36) as usize, be64(40) as usize);
+    let per_l2 = cluster / 8;
+    let offset_mask = 0x00ff_ffff_ffff_fe00u64;
+    let mut out = backing.to_vec();
+    out.resize(size, 0);
+    for c in 0..size.div_ceil(cluster) {
+        let (l1i, l2i) = (c / per_l2, c % per_l2);
+        assert!(l1i < l1_size, "cluster {c} past the L1 table");
+        let l2 = (be64(l1_off + 8 * l1i) & offset_mask) as usize;
+        if l2 == 0 {
+            continue;
+        }
+        let e = be64(l2 + 8 * l2i);
+        let (start, end) = (c * cluster, ((c + 1) * cluster).min(size));
+        if e & 1 != 0 {
+            out[start..end].fill(0);
+        } else if e & offset_mask != 0 {
+            let at = (e & offset_mask) as usize;
+            out[start..end].copy_from_slice(&q[at..at + (end - start)]);
+        }
+    }
+    out
+}
