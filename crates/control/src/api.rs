@@ -74,4 +74,35 @@ pub struct ExportStatus {
     pub done_bytes: Option<u64>,
     pub total_bytes: Option<u64>,
     pub error: Option<String>,
+    /// What the finished diff costs (vsnap format).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub figures: Option<DiffFigures>,
+}
+
+/// The storage figures of an exported diff (`vsnap diff inspect` reports the same).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DiffFigures {
+    /// Bytes of the dirty blocks, uncompressed.
+    pub raw_bytes: u64,
+    /// Bytes the data takes in the file (compressed frames and reference checksums).
+    pub stored_bytes: u64,
+    /// Dirty blocks stored as references to the parent state (parent dedupe).
+    pub referenced_blocks: u64,
+    /// raw_bytes / stored_bytes (1 when nothing is stored).
+    pub compression_ratio: f64,
+}
+
+impl From<vsnap_block::diff::DataStats> for DiffFigures {
+    fn from(s: vsnap_block::diff::DataStats) -> Self {
+        DiffFigures {
+            raw_bytes: s.raw_bytes,
+            stored_bytes: s.stored_bytes,
+            referenced_blocks: s.referenced_blocks,
+            compression_ratio: if s.stored_bytes == 0 {
+                1.0
+            } else {
+                s.raw_bytes as f64 / s.stored_bytes as f64
+            },
+        }
+    }
 }

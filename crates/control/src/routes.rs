@@ -1,15 +1,16 @@
 //! Request routing: method + path → an operation on the disk, answered in JSON.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::de::DeserializeOwned;
 use serde_json::json;
-use vsnap_block::diff::WriteOptions;
-use vsnap_block::{BlockError, Disk, LayerInfo};
+use vsnap_block::diff::{DiffFile, WriteOptions};
+use vsnap_block::{BlockError, Disk, ExportPhase, LayerInfo};
 
 use crate::api::{
-    CutRequest, DeviceStatus, ExportFormat, ExportRequest, ExportStatus, FoldRequest,
+    CutRequest, DeviceStatus, DiffFigures, ExportFormat, ExportRequest, ExportStatus, FoldRequest,
 };
 use crate::http::{Request, Response};
 use crate::upload::Uploads;
@@ -24,6 +25,7 @@ pub struct Api {
     /// such exports are refused.
     upload_dir: Option<PathBuf>,
     uploads: Arc<Uploads>,
+    figures: Arc<Figures>,
 }
 
 fn parse<T: DeserializeOwned + Default>(body: &[u8]) -> Result<T, Response> {
@@ -55,6 +57,34 @@ fn write_options(r: &ExportRequest) -> WriteOptions {
     opts
 }
 
+/// What exported diffs cost, by generation: read from the file once, when first asked for.
+#[derive(Default)]
+struct Figures(Mutex<HashMap<u64, DiffFigures>>);
+
+impl Figures {
+    fn record(&self, generation: u64, path: &std::path::Path) -> Option<DiffFigures> {
+        let f: DiffFigures = DiffFile::open(path).ok()?.data_stats().into();
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(generation, f);
+        Some(f)
+    }
+
+    fn get(&self, l: &LayerInfo) -> Option<DiffFigures> {
+        if l.export != ExportPhase::Done {
+            return None;
+        }
+        let known = self
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&l.generation)
+            .copied();
+        known.or_else(|| self.record(l.generation, l.export_path.as_deref()?))
+    }
+}
+
 fn export_status(l: &LayerInfo) -> ExportStatus {
     ExportStatus {
         generation: l.generation,
@@ -63,6 +93,7 @@ fn export_status(l: &LayerInfo) -> ExportStatus {
         done_bytes: l.export_progress.map(|p| p.0),
         total_bytes: l.export_progress.map(|p| p.1),
         error: l.export_error.clone(),
+        figures: None,
     }
 }
 
@@ -73,6 +104,14 @@ impl Api {
             status,
             upload_dir: None,
             uploads: Arc::default(),
+            figures: Arc::default(),
+        }
+    }
+
+    fn export_status(&self, l: &LayerInfo) -> ExportStatus {
+        ExportStatus {
+            figures: self.figures.get(l),
+            ..export_status(l)
         }
     }
 
@@ -107,7 +146,7 @@ impl Api {
             ("POST", ["api", "v1", "generations", g, "export"]) => self.export(g, &req.body),
             ("GET", ["api", "v1", "generations", g, "export"]) => self
                 .generation(g)
-                .map(|l| Response::json(200, &export_status(&l))),
+                .map(|l| Response::json(200, &self.export_status(&l))),
             ("DELETE", ["api", "v1", "generations", g, "export"]) => self.cancel(g),
             ("POST", ["api", "v1", "generations", g, "fold"]) => self.fold(g, &req.body),
             (_, ["api", "v1", "info" | "stats" | "cut" | "generations", ..]) | (_, ["metrics"]) => {
@@ -255,6 +294,36 @@ impl Api {
             "Layers in the stack, active included.",
             &[("", i.layers.len() as u64)],
         );
+        // The figures of every finished export, by generation.
+        let exported: Vec<(String, DiffFigures)> = self
+            .layers()
+            .iter()
+            .filter_map(|l| {
+                let f = self.figures.get(l)?;
+                Some((format!("{{generation=\"{}\"}}", l.generation), f))
+            })
+            .collect();
+        let per = |f: fn(&DiffFigures) -> u64| -> Vec<(&str, u64)> {
+            exported.iter().map(|(g, x)| (g.as_str(), f(x))).collect()
+        };
+        metric(
+            "export_raw_bytes",
+            "gauge",
+            "Bytes of the dirty blocks of an exported diff, uncompressed.",
+            &per(|f| f.raw_bytes),
+        );
+        metric(
+            "export_stored_bytes",
+            "gauge",
+            "Bytes an exported diff's data takes (compressed frames, reference checksums).",
+            &per(|f| f.stored_bytes),
+        );
+        metric(
+            "export_referenced_blocks",
+            "gauge",
+            "Blocks of an exported diff stored as references to its parent state.",
+            &per(|f| f.referenced_blocks),
+        );
         metric(
             "connected",
             "gauge",
@@ -340,7 +409,7 @@ impl Api {
             return Err(Response::error(500, msg));
         }
         let now = self.generation(g)?;
-        Ok(Response::json(202, &export_status(&now)))
+        Ok(Response::json(202, &self.export_status(&now)))
     }
 
     /// An export to object storage: written to the upload directory, then uploaded
@@ -382,11 +451,16 @@ impl Api {
             .map_err(block_error)?;
         self.uploads.begin(generation, url.to_owned());
         let (disk, uploads) = (self.disk.clone(), self.uploads.clone());
+        let figures = self.figures.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("vsnap-upload-{generation}"))
             .spawn(
                 move || match disk.run_export_with(generation, &local, None, &opts, &job) {
-                    Ok(_) => uploads.upload(generation, &local, &object),
+                    Ok(_) => {
+                        // The local file goes once uploaded: take its figures first.
+                        figures.record(generation, &local);
+                        uploads.upload(generation, &local, &object)
+                    }
                     Err(e) => uploads.fail(generation, e.to_string()),
                 },
             );
@@ -397,7 +471,7 @@ impl Api {
             return Err(Response::error(500, msg));
         }
         let now = self.generation(&generation.to_string())?;
-        Ok(Response::json(202, &export_status(&now)))
+        Ok(Response::json(202, &self.export_status(&now)))
     }
 
     fn cancel(&self, g: &str) -> Result<Response, Response> {

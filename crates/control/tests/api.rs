@@ -141,6 +141,23 @@ fn endpoints() {
     assert_eq!(st, 202, "{v}");
     let v = wait_export(&f.sock, 1);
     assert_eq!(v["state"], "done", "{v}");
+    // What the diff costs, in the status and in the metrics, as `diff inspect` reports it.
+    let stats = vsnap_block::diff::DiffFile::open(&out)
+        .unwrap()
+        .data_stats();
+    assert_eq!(v["figures"]["raw_bytes"], stats.raw_bytes, "{v}");
+    assert_eq!(v["figures"]["stored_bytes"], stats.stored_bytes, "{v}");
+    assert!(
+        stats.raw_bytes > 0 && stats.stored_bytes < stats.raw_bytes,
+        "{v}"
+    );
+    let (_, m) = req(&f.sock, "GET", "/metrics", None);
+    let m = m.as_str().unwrap().to_string();
+    let line = format!(
+        "vsnap_export_stored_bytes{{generation=\"1\"}} {}",
+        stats.stored_bytes
+    );
+    assert!(m.contains(&line), "{m}");
     let img = f.dir.path().join("g1.img");
     vsnap_block::diff::apply(None, std::slice::from_ref(&out), &img, false, &Job::new()).unwrap();
     assert!(
