@@ -1,32 +1,86 @@
 #!/usr/bin/env python3
-"""Formats bench/fs.sh's JSON lines (stdin) as the Markdown table of docs/benchmarks.md."""
+"""Formats bench/fs.sh's JSON lines (stdin) as the Markdown tables of docs/benchmarks.md."""
 import json
 import sys
 
-# One line per (label, phase): merge them per label, in order of appearance.
-merged = {}
+runs = {}  # (condition, phase) -> {label: result}
+labels = []
 for line in sys.stdin:
     if line.strip():
         r = json.loads(line)
-        merged.setdefault(r["label"], {}).update(r)
-runs = list(merged.values())
-rows = [
-    ("inodes held (of 100,100 looked up)", lambda r: f"{r['held_inodes']}" + (f" ({r['lookup_error']})" if r.get("lookup_error") else "")),
-    ("fds holding them (idle)", lambda r: f"{r['fds_holding']} ({r['fds_idle']})"),
-    ("RSS MiB holding them (idle)", lambda r: f"{r['rss_kib_holding'] / 1024:.1f} ({r['rss_kib_idle'] / 1024:.1f})"),
-    ("first lookup, µs wall / CPU", lambda r: f"{r['first_lookup']['wall_us']} / {r['first_lookup']['cpu_us']}"),
-    ("getattr, µs wall / CPU", lambda r: f"{r['getattr']['wall_us']} / {r['getattr']['cpu_us']}"),
-]
-for d in ["1", "2", "4", "8", "16", "64"]:
-    rows.append((f"path lookup depth {d}, µs wall / CPU", lambda r, d=d: f"{r['lookup_path_depth'][d]['wall_us']} / {r['lookup_path_depth'][d]['cpu_us']}"))
-rows += [
-    ("path lookup µs wall: constant + per component", lambda r: f"{r['lookup_fit']['wall_us']['constant']} + {r['lookup_fit']['wall_us']['per_component']}"),
-    ("path lookup µs CPU: constant + per component", lambda r: f"{r['lookup_fit']['cpu_us']['constant']} + {r['lookup_fit']['cpu_us']['per_component']}"),
-    ("create+release+unlink, µs wall / CPU", lambda r: f"{r['create_release_unlink']['wall_us']} / {r['create_release_unlink']['cpu_us']}"),
-]
-for k in ["read_4k", "write_4k", "read_128k", "write_128k"]:
-    rows.append((f"{k.replace('_', ' ')}, µs wall / CPU", lambda r, k=k: f"{r['io'][k]['wall_us']} / {r['io'][k]['cpu_us']}"))
-print("| | " + " | ".join(r["label"] for r in runs) + " |")
-print("|---|" + "--:|" * len(runs))
-for name, f in rows:
-    print(f"| {name} | " + " | ".join(f(r) for r in runs) + " |")
+        runs.setdefault((r["condition"], r["phase"]), {})[r["label"]] = r
+        if r["label"] not in labels:
+            labels.append(r["label"])
+
+
+def table(title, cols, rows):
+    print(f"\n{title}\n")
+    print("| | " + " | ".join(cols) + " |")
+    print("|---|" + "--:|" * len(cols))
+    for name, cells in rows:
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+def noisy(v, cond):
+    """A mark on a quiet figure that other work disturbed (a third of a core or more)."""
+    return f" (other work {v['background_cpus']:.1f} cores)" if cond == "quiet" and v.get("background_cpus", 0) >= 0.3 else ""
+
+
+def bg(results):
+    """The most cores' worth of other work seen during any measurement of a run."""
+    vals = []
+    for r in results:
+        for v in list(r.get("qd_io", {}).values()) + list(r.get("io", {}).values()):
+            vals.append(v.get("background_cpus", 0))
+        if "getattr" in r:
+            vals.append(r["getattr"].get("background_cpus", 0))
+    return max(vals) if vals else 0
+
+
+conditions = sorted({c for c, _ in runs}, key=lambda c: ["quiet", "busy"].index(c) if c in ["quiet", "busy"] else 9)
+for cond in conditions:
+    io = runs.get((cond, "io"), {})
+    if io:
+        cols = [l for l in labels if l in io]
+        peers = [l for l in cols if not l.startswith("vsnap")]
+        rows = []
+        for case in next(iter(io.values()))["qd_io"]:
+            cells = []
+            for l in cols:
+                v = io[l]["qd_io"][case]
+                cells.append(f"{v['iops'] / 1000:.0f}k/s, {v['lat_p50_us']:.0f} µs, {v['cpu_us']:.1f} µs CPU, {v['vcs_per_op']:.2f}+{v['ivcs_per_op']:.2f} cs" + noisy(v, cond))
+            if "vsnap" in io and peers:
+                best = max(io[p]["qd_io"][case]["iops"] for p in peers)
+                cells.append(f"{io['vsnap']['qd_io'][case]['iops'] / best:.2f}x")
+            rows.append((case.replace("_", " "), cells))
+        extra = ["vsnap / better peer"] if "vsnap" in io and peers else []
+        table(f"**{cond}** (other work: up to {bg(io.values()):.1f} cores): I/O, IOPS, median round trip, daemon CPU and "
+              "voluntary+involuntary context switches per request", cols + extra, rows)
+    ops = runs.get((cond, "ops"), {})
+    if ops:
+        cols = [l for l in labels if l in ops]
+        def cost(v):
+            return f"{v['wall_us']} / {v['cpu_us']} ({v['vcs_per_op']:.2f}+{v['ivcs_per_op']:.2f})" + noisy(v, cond)
+        rows = [
+            ("getattr, µs wall / CPU (cs)", [cost(ops[l]["getattr"]) for l in cols]),
+            ("lookup per component, µs wall / CPU (fit, depths 1-64)",
+             [f"{ops[l]['lookup_fit']['wall_us']['per_component']} / {ops[l]['lookup_fit']['cpu_us']['per_component']}" for l in cols]),
+            ("lookup depth 16, µs wall / CPU (cs)", [cost(ops[l]["lookup_path_depth"]["16"]) for l in cols]),
+            ("create+release+unlink, µs wall / CPU (cs)", [cost(ops[l]["create_release_unlink"]) for l in cols]),
+        ]
+        for k in ["read_4k", "write_4k", "read_128k", "write_128k"]:
+            rows.append((f"{k.replace('_', ' ')}, µs wall / CPU (cs)", [cost(ops[l]["io"][k]) for l in cols]))
+        table(f"**{cond}** (other work: up to {bg(ops.values()):.1f} cores): one request at a time", cols, rows)
+hold = runs.get(("quiet", "hold"), {})
+if hold:
+    cols = [l for l in labels if l in hold]
+    def per_inode(r):
+        return f"{(r['rss_kib_holding'] - r['rss_kib_idle']) * 1024 / max(r['held_inodes'], 1):.0f}"
+    rows = [
+        ("inodes held", [f"{hold[l]['held_inodes']}" + (f" ({hold[l]['lookup_error']})" if hold[l].get("lookup_error") else "") for l in cols]),
+        ("fds holding them (idle)", [f"{hold[l]['fds_holding']} ({hold[l]['fds_idle']})" for l in cols]),
+        ("RSS MiB holding them (idle)", [f"{hold[l]['rss_kib_holding'] / 1024:.1f} ({hold[l]['rss_kib_idle'] / 1024:.1f})" for l in cols]),
+        ("RSS bytes per held inode", [per_inode(hold[l]) for l in cols]),
+        ("first lookup, µs wall / CPU", [f"{hold[l]['first_lookup']['wall_us']} / {hold[l]['first_lookup']['cpu_us']}" for l in cols]),
+    ]
+    table("**Holding inodes** (quiet)", cols, rows)

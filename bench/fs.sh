@@ -1,58 +1,123 @@
 #!/usr/bin/env bash
-# vsnap fs vs virtiofsd in the same run, through the project's FUSE frontend (vsnap-fsbench):
-# fds and RSS holding 100,000 looked-up files, first-lookup, getattr and path-lookup cost by
-# depth, create/unlink, 4k and 128k reads and writes. Prints a Markdown table; the JSON lines
-# land in target/fsbench/results.jsonl. The shared tree lives in /dev/shm/vsnap-fsbench (about
-# 170 MiB of RAM; removed by hand).
+# vsnap fs vs Rust virtiofsd 1.14 and QEMU 7.2's C virtiofsd, in the same run, on the same share,
+# driven by the same FUSE-over-vhost-user frontend (vsnap-fsbench, no VM). Each daemon is measured
+# with the machine quiet and again with a CPU-bound process running alongside ("busy"):
+#   io   4k and 128k READ and WRITE with 1 and 16 requests in flight (IOPS, median round trip,
+#        daemon CPU and context switches per request);
+#   ops  one request at a time: GETATTR, path lookups by depth (fitted per component),
+#        create+release+unlink, reads and writes;
+#   hold (quiet only) fds and RSS while holding every file of many/ looked up.
+# Prints Markdown tables; the JSON lines land in target/fsbench/results.jsonl.
+# Usage: bench/fs.sh [seconds per io case]. Environment: FS_BENCH_CONDITIONS ("quiet busy"),
+# FS_BENCH_DIRS x FS_BENCH_FILES (100 x 1000) files held.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
+secs=${1:-3}
+conditions=${FS_BENCH_CONDITIONS:-quiet busy}
+dirs=${FS_BENCH_DIRS:-100} files=${FS_BENCH_FILES:-1000}
 out="$repo/target/fsbench"
 mkdir -p "$out"
 (cd "$repo" && cargo build -q --release --bin vsnap && cargo build -q --release -p vsnap-frontend --bin vsnap-fsbench)
 vsnap="$repo/target/release/vsnap" fsbench="$repo/target/release/vsnap-fsbench"
-virtiofsd=$(command -v virtiofsd || echo "$repo/target/virtiofsd/bin/virtiofsd")
-if [ ! -x "$virtiofsd" ]; then
-  echo "fs bench: installing virtiofsd (cargo install; needs libseccomp-dev libcap-ng-dev)" >&2
+
+# The peers: virtiofsd 1.14.0 built from crates.io, QEMU 7.2's C virtiofsd from Debian 12.
+rust_vfsd="$repo/target/virtiofsd/bin/virtiofsd"
+if ! "$rust_vfsd" --version 2>/dev/null | grep -q '^virtiofsd 1.14.0'; then
+  echo "fs bench: installing virtiofsd 1.14.0 (cargo install)" >&2
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libseccomp-dev libcap-ng-dev >/dev/null
-  cargo install -q virtiofsd --root "$repo/target/virtiofsd"
-  virtiofsd="$repo/target/virtiofsd/bin/virtiofsd"
+  cargo install -q virtiofsd --version 1.14.0 --locked --root "$repo/target/virtiofsd"
 fi
-# On tmpfs, so the figures are the daemons' and not the host disk's.
-share=/dev/shm/vsnap-fsbench
-if [ ! -f "$share/.complete" ]; then
+c_vfsd=/usr/lib/qemu/virtiofsd
+if [ ! -x "$c_vfsd" ]; then
+  echo "fs bench: installing QEMU's C virtiofsd (qemu-system-common)" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-system-common >/dev/null
+fi
+
+# On the repository's file system (ext4 here), as a share on the host's disk would be; the page
+# cache holds it all, so the figures are the daemons' and not the disk's.
+share="$out/share"
+if [ "$(cat "$share/.complete" 2>/dev/null)" != "$dirs x $files" ]; then
   rm -rf "$share"; mkdir -p "$share"
-  python3 - "$share" <<'PY'
+  python3 - "$share" "$dirs" "$files" <<'PY'
 import os, sys
-root = sys.argv[1]
-for d in range(100):
+root, dirs, files = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+for d in range(dirs):
     p = os.path.join(root, "many", f"d{d}")
     os.makedirs(p)
-    for i in range(1000):
+    for i in range(files):
         open(os.path.join(p, f"f{i}"), "wb").close()
 os.makedirs(os.path.join(root, "deep", *[f"c{i}" for i in range(1, 64)]))
 with open(os.path.join(root, "data.bin"), "wb") as f:
     f.write(os.urandom(64 << 20))
-open(os.path.join(root, ".complete"), "w").close()
+with open(os.path.join(root, ".complete"), "w") as f:
+    f.write(f"{dirs} x {files}")
 PY
 fi
-results="$out/results.jsonl"
+
+sock="$out/fs.sock" results="$out/results.jsonl"
 : > "$results"
-run() { # LABEL CMD...: each phase against a fresh daemon
-  local label=$1; shift
-  local sock="$out/fs.sock" phase pid
-  for phase in hold ops; do
-    rm -f "$sock"
-    "$@" > "$out/$label-$phase.log" 2>&1 &
-    pid=$!
-    for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.1; done
-    echo "fs bench: $label $phase" >&2
-    "$fsbench" --socket "$sock" --pid "$pid" --label "$label" --phase "$phase" >> "$results"
-    kill -TERM "$pid"; wait "$pid" || true
+busy_pid=
+cleanup() { [ -z "$busy_pid" ] || kill "$busy_pid" 2>/dev/null || true; }
+trap cleanup EXIT
+
+# Waits (up to 2 minutes) until the machine was at least 95% idle for a second: other jobs
+# would otherwise make a "quiet" figure a busy one. Each result also records how many cores'
+# worth the rest of the machine used while it was measured (background_cpus).
+wait_quiet() {
+  local t0=$SECONDS a b c d e f g h i1 i2 t1 t2
+  while [ $((SECONDS - t0)) -lt 120 ]; do
+    read -r _ a b c d e f g h _ < /proc/stat; t1=$((a+b+c+d+e+f+g+h)) i1=$((d+e))
+    sleep 1
+    read -r _ a b c d e f g h _ < /proc/stat; t2=$((a+b+c+d+e+f+g+h)) i2=$((d+e))
+    [ $((100 * (i2 - i1) / (t2 - t1))) -ge 95 ] && return 0
   done
+  echo "fs bench: the machine did not get quiet; measuring anyway" >&2
 }
-run vsnap-workdir "$vsnap" fs --socket-path "$out/fs.sock" --shared-dir "$share" --sandbox none
-run vsnap-fd "$vsnap" fs --socket-path "$out/fs.sock" --shared-dir "$share" --sandbox none --inode-store fd
-run virtiofsd-fd "$virtiofsd" --socket-path "$out/fs.sock" --shared-dir "$share" --sandbox none --inode-file-handles=never
-run virtiofsd-handles "$virtiofsd" --socket-path "$out/fs.sock" --shared-dir "$share" --sandbox none --inode-file-handles=prefer
-"$virtiofsd" --version | head -1 >&2
+
+run() { # CONDITION PHASE LABEL CMD...: one phase against a fresh daemon
+  local cond=$1 phase=$2 label=$3; shift 3
+  rm -f "$sock"
+  wait_quiet
+  if [ "$cond" = busy ]; then
+    # A CPU-bound process the scheduler places as it likes, as an unrelated build would run.
+    sh -c 'while :; do :; done' & busy_pid=$!
+  fi
+  "$@" > "$out/$label-$cond-$phase.log" 2>&1 &
+  local pid=$!
+  for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.1; done
+  echo "fs bench: $label $cond $phase" >&2
+  "$fsbench" --socket "$sock" --pid "$pid" --label "$label" --phase "$phase" --seconds "$secs" \
+    --dirs "$dirs" --files "$files" | python3 -c "
+import json, sys
+for l in sys.stdin:
+    r = json.loads(l); r['condition'] = '$cond'; r['phase'] = '$phase'; print(json.dumps(r))
+" >> "$results"
+  kill -TERM "$pid" 2>/dev/null || true; wait "$pid" || true
+  if [ -n "$busy_pid" ]; then kill "$busy_pid"; wait "$busy_pid" 2>/dev/null || true; busy_pid=; fi
+}
+
+daemon() { # LABEL: the command line serving $share on $sock, every daemon with --cache auto
+  case $1 in
+    vsnap) echo "$vsnap fs --socket-path $sock --shared-dir $share --sandbox none" ;;
+    vsnap-fd) echo "$vsnap fs --socket-path $sock --shared-dir $share --sandbox none --inode-store fd" ;;
+    virtiofsd) echo "$rust_vfsd --socket-path $sock --shared-dir $share --sandbox none --cache auto --inode-file-handles=never" ;;
+    virtiofsd-handles) echo "$rust_vfsd --socket-path $sock --shared-dir $share --sandbox none --cache auto --inode-file-handles=prefer" ;;
+    # QEMU 7.2's C virtiofsd has no --sandbox none: chroot is its lightest.
+    c-virtiofsd) echo "$c_vfsd --socket-path=$sock -o source=$share -o cache=auto -o sandbox=chroot" ;;
+  esac
+}
+
+for label in vsnap vsnap-fd virtiofsd virtiofsd-handles c-virtiofsd; do
+  # shellcheck disable=SC2046 # the command line is meant to split
+  run quiet hold "$label" $(daemon "$label")
+done
+for cond in $conditions; do
+  for phase in io ops; do
+    for label in vsnap virtiofsd c-virtiofsd; do
+      # shellcheck disable=SC2046
+      run "$cond" "$phase" "$label" $(daemon "$label")
+    done
+  done
+done
+"$rust_vfsd" --version | head -1 >&2
 python3 "$repo/bench/fs-table.py" < "$results"

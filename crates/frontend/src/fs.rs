@@ -13,6 +13,9 @@ pub const IN_HEADER_LEN: usize = 40;
 pub const OUT_HEADER_LEN: usize = 16;
 /// Request and reply buffers: a 1 MiB payload plus headers.
 pub const BUF_LEN: u32 = (1 << 20) + 4096;
+/// The bytes [`Fuse::send_split`] leaves around each reply piece, and what it fills them with.
+pub const SPLIT_GAP: u64 = 64;
+pub const CANARY: u8 = 0xa5;
 /// [`Fuse::deadline`] unless the caller sets another.
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -160,6 +163,73 @@ impl Fuse {
             unique: le64(&out, 8),
             body: out.get(OUT_HEADER_LEN..).unwrap_or(&[]).to_vec(),
         })
+    }
+
+    /// Sends `msg` on the request queue cut into device-readable descriptors at the offsets
+    /// `cuts`, with one device-writable descriptor per entry of `reply_lens`, laid out with
+    /// [`SPLIT_GAP`] bytes of [`CANARY`] before, between and after them. Returns the reply
+    /// reassembled from the pieces (as much of it as `used` covers) and whether every canary
+    /// byte is intact, i.e. the device wrote nothing outside the descriptors.
+    pub fn send_split(&mut self, msg: &[u8], cuts: &[usize], reply_lens: &[u32]) -> (Reply, bool) {
+        assert!(!self.wedged, "an earlier request was never answered");
+        let total: u64 = reply_lens.iter().map(|&l| u64::from(l) + SPLIT_GAP).sum();
+        assert!(
+            total + SPLIT_GAP <= u64::from(BUF_LEN),
+            "reply pieces too large"
+        );
+        let mem = &self.fe.mem;
+        mem.write(self.req, msg);
+        let mut descs = Vec::new();
+        let mut at = 0usize;
+        for &c in cuts.iter().chain([msg.len()].iter()) {
+            if c > at {
+                descs.push(Desc::r(self.req + at as u64, (c - at) as u32));
+                at = c;
+            }
+        }
+        mem.write(self.rep, &vec![CANARY; (total + SPLIT_GAP) as usize]);
+        let mut pieces = Vec::new();
+        let mut addr = self.rep + SPLIT_GAP;
+        for &l in reply_lens {
+            descs.push(Desc::w(addr, l));
+            pieces.push((addr, l));
+            addr += u64::from(l) + SPLIT_GAP;
+        }
+        let queue = &mut self.fe.queues[1];
+        queue.add(mem, &descs).expect("ring has room");
+        queue.publish(mem);
+        let done = queue.wait_used(mem, 1, self.deadline);
+        let Some(&(_, used)) = done.first() else {
+            self.wedged = true;
+            panic!(
+                "request {} not answered within {:?}",
+                le64(msg, 8),
+                self.deadline
+            );
+        };
+        let mut out = Vec::new();
+        for &(a, l) in &pieces {
+            let n = (used as usize).saturating_sub(out.len()).min(l as usize);
+            out.extend_from_slice(&mem.read_vec(a, n));
+        }
+        let all = mem.read_vec(self.rep, (total + SPLIT_GAP) as usize);
+        let mut intact = true;
+        let mut gap_start = 0u64;
+        for &(a, l) in &pieces {
+            intact &= all[gap_start as usize..(a - self.rep) as usize]
+                .iter()
+                .all(|&b| b == CANARY);
+            gap_start = a - self.rep + u64::from(l);
+        }
+        intact &= all[gap_start as usize..].iter().all(|&b| b == CANARY);
+        let reply = Reply {
+            used,
+            len: le32(&out, 0),
+            error: le32(&out, 4) as i32,
+            unique: le64(&out, 8),
+            body: out.get(OUT_HEADER_LEN..).unwrap_or(&[]).to_vec(),
+        };
+        (reply, intact)
     }
 
     /// [`Fuse::try_send_raw`] that panics when the request goes unanswered.
@@ -570,7 +640,8 @@ impl Fuse {
         Ok(Xattr::Value(r.body))
     }
 
-    fn rw_in(fh: u64, offset: u64, size: u32, rw_flags: u32) -> [u8; 40] {
+    /// `fuse_read_in` / `fuse_write_in` (the same 40-byte layout).
+    pub fn rw_in(fh: u64, offset: u64, size: u32, rw_flags: u32) -> [u8; 40] {
         let mut a = [0u8; 40];
         a[0..8].copy_from_slice(&fh.to_le_bytes());
         a[8..16].copy_from_slice(&offset.to_le_bytes());

@@ -1,7 +1,28 @@
-//! What a benchmark reads about the backend process from /proc: CPU time, RSS, open fds.
+//! What a benchmark reads about the backend process from /proc: CPU time, RSS, open fds, and
+//! each thread's context switches (how often it slept and was woken).
 
-/// User + system CPU seconds of process `pid`.
+/// CPU seconds process `pid` has run: the sum of its threads' run time in nanoseconds
+/// (`/proc/PID/task/*/schedstat`), else user + system time in clock ticks (`/proc/PID/stat`,
+/// 10 ms steps: too coarse for short runs).
 pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    cpu_seconds_precise(pid).or_else(|| cpu_seconds_ticks(pid))
+}
+
+fn cpu_seconds_precise(pid: u32) -> Option<f64> {
+    let mut ns = 0u64;
+    for e in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let path = e.ok()?.path().join("schedstat");
+        // A thread that ended meanwhile has no file any more: it no longer counts.
+        let Ok(s) = std::fs::read_to_string(path) else {
+            continue;
+        };
+        ns += s.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(ns as f64 / 1e9)
+}
+
+/// User + system CPU seconds of process `pid`, from `/proc/PID/stat`.
+pub fn cpu_seconds_ticks(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
     let rest = &stat[stat.rfind(')')? + 2..];
@@ -27,4 +48,78 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
 /// Number of fds process `pid` has open.
 pub fn open_fds(pid: u32) -> Option<usize> {
     Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
+}
+
+/// One thread's name and context-switch counts (`/proc/PID/task/TID/status`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ThreadSwitches {
+    pub tid: u32,
+    pub name: String,
+    /// The thread slept (blocked) and was woken: one wake-up each.
+    pub voluntary: u64,
+    /// The thread was preempted while runnable.
+    pub involuntary: u64,
+}
+
+/// The context-switch counts of every thread of process `pid`, by thread id.
+pub fn thread_switches(pid: u32) -> Vec<ThreadSwitches> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut v: Vec<ThreadSwitches> = dir
+        .filter_map(|e| {
+            let tid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+            let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).ok()?;
+            let field = |k: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(k))
+                    .map(str::trim)
+            };
+            Some(ThreadSwitches {
+                tid,
+                name: field("Name:")?.to_string(),
+                voluntary: field("voluntary_ctxt_switches:")?.parse().ok()?,
+                involuntary: field("nonvoluntary_ctxt_switches:")?.parse().ok()?,
+            })
+        })
+        .collect();
+    v.sort_by_key(|t| t.tid);
+    v
+}
+
+/// What each thread of `after` switched since `before` (threads that did not switch are left
+/// out; a thread born in between counts from zero).
+pub fn switches_since(before: &[ThreadSwitches], after: &[ThreadSwitches]) -> Vec<ThreadSwitches> {
+    after
+        .iter()
+        .map(|a| {
+            let b = before.iter().find(|b| b.tid == a.tid);
+            ThreadSwitches {
+                tid: a.tid,
+                name: a.name.clone(),
+                voluntary: a.voluntary - b.map_or(0, |b| b.voluntary.min(a.voluntary)),
+                involuntary: a.involuntary - b.map_or(0, |b| b.involuntary.min(a.involuntary)),
+            }
+        })
+        .filter(|d| d.voluntary + d.involuntary > 0)
+        .collect()
+}
+
+/// CPU seconds every process of the machine has run (`/proc/stat`: user, nice, system, irq,
+/// softirq and steal of all CPUs), in clock ticks. Less what the daemon and the benchmark
+/// themselves ran, it says how busy the rest of the machine was meanwhile.
+pub fn machine_busy_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let cpu = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let f: Vec<u64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    let busy: u64 = [0, 1, 2, 5, 6, 7].iter().filter_map(|&i| f.get(i)).sum();
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some(busy as f64 / hz)
 }

@@ -13,7 +13,12 @@ use vsnap_vhost::queue::Chain;
 use vsnap_vhost::shell::GuestMem;
 use vsnap_vhost::{gather, scatter, Completion, Device, Faults, Segments};
 
-use crate::server::{Server, MAX_REQUEST};
+use zerocopy::IntoBytes;
+
+use crate::abi::{InHeader, OutHeader};
+use crate::guest_io::{self, GuestSink, GuestSource};
+use crate::server::{read_reply_header, DataRequest, Server, DATA_HEAD, MAX_REQUEST};
+use crate::sys::{self, Errno};
 
 /// virtio-fs config space: `tag[36]` and `num_request_queues` (virtio 1.3 §5.11.4).
 pub const TAG_LEN: usize = 36;
@@ -50,8 +55,9 @@ pub struct FsBackend {
     pub connected: AtomicBool,
 }
 
-/// Runs one request chain: gathers the message, handles it, scatters the reply. Returns the
-/// used length.
+/// Runs one request chain and returns the used length. READ and WRITE data go straight
+/// between the file and the guest's buffers ([`data_chain`]); every other request is gathered,
+/// handled and its reply scattered.
 fn run_chain(server: &Server, faults: &Faults, mem: &GuestMemoryMmap, segs: &Segments) -> u32 {
     if let Some(d) = segs.defect {
         faults.record(d);
@@ -62,7 +68,17 @@ fn run_chain(server: &Server, faults: &Faults, mem: &GuestMemoryMmap, segs: &Seg
         faults.record("FUSE request larger than the maximum write");
         return 0;
     }
-    let mut msg = vec![0u8; len as usize];
+    let len = len as usize;
+    let mut head = [0u8; DATA_HEAD];
+    let head = &mut head[..len.min(DATA_HEAD)];
+    if !gather(mem, &segs.readable, 0, head) {
+        faults.record("FUSE request unreadable");
+        return 0;
+    }
+    if let Some(r) = server.data_request(head, len) {
+        return data_chain(server, faults, mem, segs, &r);
+    }
+    let mut msg = vec![0u8; len];
     if !gather(mem, &segs.readable, 0, &mut msg) {
         faults.record("FUSE request unreadable");
         return 0;
@@ -71,14 +87,26 @@ fn run_chain(server: &Server, faults: &Faults, mem: &GuestMemoryMmap, segs: &Seg
     if let Some(f) = handled.fault {
         faults.record(f);
     }
-    let Some(mut reply) = handled.reply else {
+    let Some(reply) = handled.reply else {
         return 0;
     };
+    reply_to(faults, mem, segs, InHeader::read_unique(&msg), &reply)
+}
+
+/// Scatters `reply` into the chain's writable buffers; the used length.
+fn reply_to(
+    faults: &Faults,
+    mem: &GuestMemoryMmap,
+    segs: &Segments,
+    unique: u64,
+    reply: &[u8],
+) -> u32 {
+    let mut reply = std::borrow::Cow::Borrowed(reply);
     if reply.len() as u64 > segs.writable_len() {
         // The guest asked for more than it gave room for: it still gets an answer, or the
         // request would hang in its kernel for good.
         faults.record("FUSE reply larger than the guest's buffers");
-        reply = crate::server::error_reply(&msg, libc::EIO);
+        reply = error(unique, libc::EIO).as_bytes().to_vec().into();
         if reply.len() as u64 > segs.writable_len() {
             return 0;
         }
@@ -88,6 +116,65 @@ fn run_chain(server: &Server, faults: &Faults, mem: &GuestMemoryMmap, segs: &Seg
         return 0;
     }
     reply.len() as u32
+}
+
+fn error(unique: u64, errno: i32) -> OutHeader {
+    read_reply_header(unique, Err(Errno(errno)))
+}
+
+/// A READ or WRITE whose data the kernel moves between the file and guest memory: the WRITE
+/// payload is read from the readable buffers after its [`DATA_HEAD`] bytes, the READ data
+/// lands in the writable buffers after the reply header.
+fn data_chain(
+    server: &Server,
+    faults: &Faults,
+    mem: &GuestMemoryMmap,
+    segs: &Segments,
+    r: &DataRequest,
+) -> u32 {
+    let size = r.arg.size as usize;
+    if r.write {
+        // `data_request` checked that the request holds the payload.
+        let Some(src) = GuestSource::new(mem, &segs.readable, DATA_HEAD as u64, size) else {
+            faults.record("FUSE request unreadable");
+            return 0;
+        };
+        let reply = server.write_direct(r, |fd, off| guest_io::pwritev(fd, &src, off));
+        return reply_to(faults, mem, segs, r.unique, &reply);
+    }
+    let hdr = size_of::<OutHeader>();
+    let Some(room) = (segs.writable_len() as usize).checked_sub(hdr) else {
+        faults.record("FUSE reply larger than the guest's buffers");
+        return 0;
+    };
+    let want = size.min(room);
+    let Some(sink) = GuestSink::new(mem, &segs.writable, hdr as u64, want) else {
+        faults.record("FUSE reply unwritable");
+        return 0;
+    };
+    let mut too_small = false;
+    let read = server.read_direct(r, |fd, off| {
+        let n = guest_io::preadv(fd, &sink, off)?;
+        // Less room than asked for, and all of it filled: if the file had more, the reply
+        // would not have fit. The guest then gets EIO, as for any reply too large for it.
+        if n == want && want < size {
+            let mut probe = [0u8; 1];
+            if sys::pread(fd, &mut probe, off.saturating_add(n as u64))? > 0 {
+                too_small = true;
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+        }
+        Ok(n)
+    });
+    if too_small {
+        faults.record("FUSE reply larger than the guest's buffers");
+    }
+    let h = read_reply_header(r.unique, read);
+    if !scatter(mem, &segs.writable, 0, h.as_bytes()) {
+        faults.record("FUSE reply unwritable");
+        return 0;
+    }
+    h.len
 }
 
 impl FsBackend {

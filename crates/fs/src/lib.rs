@@ -5,6 +5,7 @@
 //! - [`request`]: decoding a request (pure);
 //! - [`sys`]: every system call, in thin wrappers; the [`sys::Name`] type that the name check
 //!   alone can build;
+//! - [`guest_io`]: READ and WRITE data moved by the kernel between files and guest memory;
 //! - [`inode_store`]: the inode table (workdir links, fd fallbacks);
 //! - [`passthrough`]: the file system operations on the shared directory (no path leaves it);
 //! - [`sandbox`]: the process confinement (namespaces, `pivot_root`, capabilities, seccomp);
@@ -13,6 +14,7 @@
 
 pub mod abi;
 pub mod device;
+pub mod guest_io;
 pub mod inode_store;
 pub mod passthrough;
 pub mod request;

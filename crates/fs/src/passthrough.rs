@@ -356,8 +356,20 @@ impl Passthrough {
         if self.is_hidden(&p, name) {
             return err(libc::ENOENT);
         }
-        let (i, st) = self.store.lookup(&p, name)?;
-        Ok(self.entry(&i, &st))
+        match self.store.lookup(&p, name).map_err(Errno::from) {
+            Ok((i, st)) => Ok(self.entry(&i, &st)),
+            // A name that is not there: a negative entry (node 0), which the guest caches as
+            // long as it caches entries, instead of asking again for every path it tries.
+            Err(Errno(libc::ENOENT)) if self.cfg.cache != CacheMode::Never => {
+                let t = self.cfg.cache.timeout();
+                Ok(EntryOut {
+                    entry_valid: t.as_secs(),
+                    entry_valid_nsec: t.subsec_nanos(),
+                    ..EntryOut::default()
+                })
+            }
+            Err(e) => Err(e),
+        }
     }
 
     pub fn forget(&self, id: u64, n: u64) {
@@ -519,7 +531,16 @@ impl Passthrough {
         let p = self.dir(parent)?;
         let name = self.target(&p, name)?;
         let pfd = self.store.path_fd(&p)?;
-        Ok(sys::unlinkat(pfd.as_fd(), name, flags)?)
+        // A directory removed here stops being pinned by the store's fd cache at once, as if
+        // the cache were not there: its inode goes, and its number can be reused.
+        let dir = (flags & libc::AT_REMOVEDIR != 0)
+            .then(|| sys::fstatat(pfd.as_fd(), name).ok())
+            .flatten();
+        sys::unlinkat(pfd.as_fd(), name, flags)?;
+        if let Some(st) = dir {
+            self.store.uncache_dir((st.st_dev, st.st_ino));
+        }
+        Ok(())
     }
 
     pub fn unlink(&self, parent: u64, name: &CStr) -> Res<()> {
@@ -692,21 +713,43 @@ impl Passthrough {
         Ok((self.entry(&i, &st), self.open_out(fh, false)))
     }
 
-    /// READ of at most `max` bytes (the caller bounds `a.size` by the negotiated maximum).
+    /// READ into a buffer of `a.size` bytes (the caller bounds it by the negotiated maximum).
     pub fn read(&self, id: u64, a: &ReadIn) -> Res<Vec<u8>> {
-        let h = self.file(a.fh, Some(id))?;
         let mut buf = buffer(a.size as usize)?;
-        let n = sys::pread(h.fd.as_fd(), &mut buf, a.offset)?;
+        let n = self.read_with(id, a, |fd, off| sys::pread(fd, &mut buf, off))?;
         buf.truncate(n);
         Ok(buf)
     }
 
+    /// READ through `read(fd, offset)`, which puts the bytes where they go (the guest's own
+    /// buffers, [`crate::guest_io`]) and returns how many it read.
+    pub fn read_with(
+        &self,
+        id: u64,
+        a: &ReadIn,
+        read: impl FnOnce(BorrowedFd<'_>, u64) -> std::io::Result<usize>,
+    ) -> Res<usize> {
+        let h = self.file(a.fh, Some(id))?;
+        Ok(read(h.fd.as_fd(), a.offset)?)
+    }
+
     pub fn write(&self, id: u64, a: &ReadIn, data: &[u8]) -> Res<WriteOut> {
+        self.write_with(id, a, |fd, off| sys::pwrite(fd, data, off))
+    }
+
+    /// WRITE through `write(fd, offset)`, which takes the bytes from where they are (the
+    /// guest's own buffers) and returns how many it wrote.
+    pub fn write_with(
+        &self,
+        id: u64,
+        a: &ReadIn,
+        write: impl FnOnce(BorrowedFd<'_>, u64) -> std::io::Result<usize>,
+    ) -> Res<WriteOut> {
         let h = self.file(a.fh, Some(id))?;
         if a.flags_rw & WRITE_KILL_SUIDGID != 0 {
             kill_suidgid(h.fd.as_fd())?;
         }
-        let n = sys::pwrite(h.fd.as_fd(), data, a.offset)?;
+        let n = write(h.fd.as_fd(), a.offset)?;
         Ok(WriteOut {
             size: n as u32,
             padding: 0,
@@ -895,8 +938,7 @@ impl Passthrough {
                 if plus {
                     // "." and ".." (and names that vanished) go without attributes: node 0.
                     let entry = name
-                        .and_then(|n| sys::open_path(fd, n).ok())
-                        .and_then(|f| self.store.adopt(f).ok())
+                        .and_then(|n| self.store.lookup_at(fd, n).ok())
                         .map(|(i, st)| self.entry(&i, &st))
                         .unwrap_or_default();
                     out.extend_from_slice(entry.as_bytes());

@@ -3,11 +3,12 @@
 //! malformed message gets EINVAL, an unknown opcode ENOSYS, an unknown node ENOENT, an unknown
 //! file handle EBADF.
 
+use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use zerocopy::IntoBytes;
+use zerocopy::{FromBytes, IntoBytes};
 
-use crate::abi::{self, init, opcode, InHeader, InitIn, InitOut, OutHeader};
+use crate::abi::{self, init, opcode, InHeader, InitIn, InitOut, OutHeader, ReadIn};
 use crate::passthrough::{CacheMode, Caller, Errno, Passthrough, Res};
 use crate::request::{decode, DecodeError, Op};
 
@@ -15,6 +16,20 @@ use crate::request::{decode, DecodeError, Op};
 pub const MAX_WRITE: u32 = 1 << 20;
 /// Largest request the device accepts: a maximal WRITE plus its headers.
 pub const MAX_REQUEST: usize = MAX_WRITE as usize + 4096;
+
+/// How many bytes of a request [`Server::data_request`] looks at: the header and the
+/// `fuse_read_in` / `fuse_write_in` that follows it.
+pub const DATA_HEAD: usize = size_of::<InHeader>() + size_of::<ReadIn>();
+
+/// A READ or WRITE whose data moves between the file and the guest's buffers without passing
+/// through the daemon's memory: only its first [`DATA_HEAD`] bytes were read.
+#[derive(Clone, Copy, Debug)]
+pub struct DataRequest {
+    pub write: bool,
+    pub unique: u64,
+    pub nodeid: u64,
+    pub arg: ReadIn,
+}
 
 /// What handling one message produced.
 #[derive(Debug, Default)]
@@ -51,6 +66,19 @@ fn reply(unique: u64, r: Res<Vec<u8>>) -> Vec<u8> {
 /// A reply carrying only `errno`, for the request `msg` (whose header must be whole).
 pub fn error_reply(msg: &[u8], errno: i32) -> Vec<u8> {
     reply(InHeader::read_unique(msg), Err(Errno(errno)))
+}
+
+/// The header of a READ reply whose `read` bytes of data follow it (or of its error).
+pub fn read_reply_header(unique: u64, read: Res<usize>) -> OutHeader {
+    let (len, error) = match read {
+        Ok(n) => (size_of::<OutHeader>() + n, 0),
+        Err(Errno(e)) => (size_of::<OutHeader>(), -e),
+    };
+    OutHeader {
+        len: len as u32,
+        error,
+        unique,
+    }
 }
 
 fn bytes<T: IntoBytes + zerocopy::Immutable>(r: Res<T>) -> Res<Vec<u8>> {
@@ -119,6 +147,58 @@ impl Server {
             reply: Some(reply(h.unique, r)),
             fault,
         }
+    }
+
+    /// Whether the request of `msg_len` bytes that begins with `head` is a READ or WRITE the
+    /// data path may serve: whole, without extensions, in a session, and nothing
+    /// [`Server::handle`] would refuse before it reached the file (a READ larger than the
+    /// maximum, a WRITE of a read-only share, a WRITE carrying less than it says). Every other
+    /// request, malformed ones included, goes through `handle`, which has the answer.
+    pub fn data_request(&self, head: &[u8], msg_len: usize) -> Option<DataRequest> {
+        let (h, rest) = InHeader::read_from_prefix(head).ok()?;
+        let (arg, _) = ReadIn::read_from_prefix(rest).ok()?;
+        let said = h.len as usize;
+        if said < DATA_HEAD || said > msg_len || h.total_extlen != 0 {
+            return None;
+        }
+        if self.minor.load(Ordering::SeqCst) == 0 {
+            return None;
+        }
+        let write = match h.opcode {
+            opcode::READ if arg.size <= MAX_WRITE => false,
+            opcode::WRITE
+                if !self.fs.config().readonly && said - DATA_HEAD >= arg.size as usize =>
+            {
+                true
+            }
+            _ => return None,
+        };
+        Some(DataRequest {
+            write,
+            unique: h.unique,
+            nodeid: h.nodeid,
+            arg,
+        })
+    }
+
+    /// A READ from [`Server::data_request`]: `read(fd, offset)` puts at most `arg.size` bytes
+    /// where the reply's data goes and says how many.
+    pub fn read_direct(
+        &self,
+        r: &DataRequest,
+        read: impl FnOnce(BorrowedFd<'_>, u64) -> std::io::Result<usize>,
+    ) -> Res<usize> {
+        self.fs.read_with(r.nodeid, &r.arg, read)
+    }
+
+    /// A WRITE from [`Server::data_request`]: `write(fd, offset)` writes the `arg.size` bytes
+    /// of data from where they are. Returns the whole reply.
+    pub fn write_direct(
+        &self,
+        r: &DataRequest,
+        write: impl FnOnce(BorrowedFd<'_>, u64) -> std::io::Result<usize>,
+    ) -> Vec<u8> {
+        reply(r.unique, bytes(self.fs.write_with(r.nodeid, &r.arg, write)))
     }
 
     fn init(&self, i: &InitIn) -> Res<Vec<u8>> {

@@ -795,3 +795,122 @@ fn a_readonly_share_refuses_every_change() {
     );
     assert_eq!(std::fs::read_dir(&dev.share).unwrap().count(), before);
 }
+
+/// A READ or WRITE message: header, `fuse_read_in`/`fuse_write_in`, payload.
+fn rw_msg(
+    opcode: u32,
+    unique: u64,
+    node: u64,
+    fh: u64,
+    offset: u64,
+    size: u32,
+    data: &[u8],
+) -> Vec<u8> {
+    let a = ReadIn {
+        fh,
+        offset,
+        size,
+        ..ReadIn::default()
+    };
+    let len = IN_HEADER_LEN + size_of::<ReadIn>() + data.len();
+    let mut m = in_header(len as u32, opcode, unique, node, 0, 0);
+    m.extend_from_slice(a.as_bytes());
+    m.extend_from_slice(data);
+    m
+}
+
+fn pattern(n: usize, seed: u8) -> Vec<u8> {
+    (0..n).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect()
+}
+
+#[test]
+fn reads_and_writes_move_data_through_any_descriptor_layout() {
+    let dev = Dev::start(FsConfig::default());
+    let content = pattern(300_000, 7);
+    std::fs::write(dev.share.join("big"), &content).unwrap();
+    let mut f = dev.client();
+    let node = entry(&lookup(&mut f, ROOT, "big")).nodeid;
+    let h = fh(&open(&mut f, node, libc::O_RDWR));
+    let faults = || {
+        dev.backend
+            .faults
+            .total
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+
+    // 128 KiB read into pieces of every size, the reply header itself split in two.
+    let m = rw_msg(READ, 10, node, h, 1000, 128 << 10, &[]);
+    let lens = [7, 9, 1, 4095, 3, 65536, 61437];
+    assert_eq!(lens.iter().sum::<u32>(), 16 + (128 << 10));
+    let (r, intact) = f.send_split(&m, &[5, 40, 41], &lens);
+    assert!(intact, "written outside the descriptors");
+    assert_eq!(
+        (r.error, r.unique, r.used, r.len),
+        (0, 10, 16 + (128 << 10), 16 + (128 << 10))
+    );
+    assert_eq!(r.body, &content[1000..1000 + (128 << 10)]);
+
+    // Near the end of the file: what is there, however little room was given beyond it.
+    let end = content.len() as u64;
+    let m = rw_msg(READ, 12, node, h, end - 100, 4096, &[]);
+    let (r, intact) = f.send_split(&m, &[], &[16, 50, 50]);
+    assert!(intact);
+    assert_eq!((r.error, r.used), (0, 116));
+    assert_eq!(r.body, &content[content.len() - 100..]);
+    // Room for less than the file holds there: EIO (the reply would not fit), counted.
+    let before = faults();
+    let (r, intact) = f.send_split(&m, &[], &[16, 99]);
+    assert!(intact);
+    assert_eq!((r.error, r.used, r.unique), (-libc::EIO, 16, 12));
+    assert_eq!(faults(), before + 1);
+    // Not even room for the reply header: completed with length 0.
+    let (r, intact) = f.send_split(&m, &[], &[8, 4]);
+    assert!(intact);
+    assert_eq!(r.used, 0);
+    // Past the end: an empty reply.
+    let m = rw_msg(READ, 14, node, h, end + 5, 4096, &[]);
+    let (r, _) = f.send_split(&m, &[], &[16, 4096]);
+    assert_eq!((r.error, r.used), (0, 16));
+
+    // A write whose header, argument and payload are cut anywhere, the payload across
+    // descriptors of one byte and of pages.
+    let data = pattern(70_000, 99);
+    let m = rw_msg(WRITE, 16, node, h, 5000, data.len() as u32, &data);
+    let (r, intact) = f.send_split(&m, &[13, 40, 79, 80, 81, 4177, 4178, 40_000], &[24]);
+    assert!(intact);
+    assert_eq!((r.error, r.used), (0, 24));
+    assert_eq!(WriteOut::read_from_prefix(&r.body).unwrap().0.size, 70_000);
+    let on_disk = std::fs::read(dev.share.join("big")).unwrap();
+    assert_eq!(&on_disk[5000..75_000], &data[..]);
+    assert_eq!(&on_disk[..5000], &content[..5000]);
+    assert_eq!(&on_disk[75_000..], &content[75_000..]);
+    // Bytes past the payload (the header's length covers them) are not written.
+    let mut m = rw_msg(WRITE, 18, node, h, 0, 3, b"abc");
+    m.extend_from_slice(b"junk");
+    let len = m.len() as u32;
+    m[..4].copy_from_slice(&len.to_le_bytes());
+    let (r, _) = f.send_split(&m, &[41], &[16, 8]);
+    assert_eq!(r.error, 0);
+    assert_eq!(WriteOut::read_from_prefix(&r.body).unwrap().0.size, 3);
+    let on_disk = std::fs::read(dev.share.join("big")).unwrap();
+    assert_eq!(
+        (&on_disk[..3], &on_disk[3..8]),
+        (&b"abc"[..], &content[3..8])
+    );
+    // A write that carries less than it says, and one whose reply does not fit.
+    let m = rw_msg(WRITE, 20, node, h, 0, 100, b"short");
+    let (r, _) = f.send_split(&m, &[50], &[24]);
+    assert_eq!((r.error, r.unique), (-libc::EINVAL, 20));
+    let m = rw_msg(WRITE, 22, node, h, 0, 2, b"xy");
+    let (r, intact) = f.send_split(&m, &[], &[20]);
+    assert!(intact);
+    assert_eq!((r.error, r.used), (-libc::EIO, 16));
+    // A read whose data goes nowhere the guest can see (no writable descriptor at all).
+    let m = rw_msg(READ, 23, node, h, 0, 4, &[]);
+    assert_eq!(f.send_split(&m, &[], &[]).0.used, 0);
+    // Read back through the data path what the last writes left.
+    let m = rw_msg(READ, 24, node, h, 0, 4, &[]);
+    let (r, _) = f.send_split(&m, &[], &[16, 1, 1, 1, 1]);
+    // The write was done before its reply was found too large, as any request is.
+    assert_eq!((&r.body[..3], r.body[3]), (&b"xyc"[..], content[3]));
+}

@@ -6,7 +6,7 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use vsnap_fs::inode_store::{Handle, InodeStore, StoreMode, ROOT_ID};
+use vsnap_fs::inode_store::{Handle, InodeStore, StoreMode, DIR_FDS, ROOT_ID};
 use vsnap_fs::sys::Name;
 
 fn open_dir(p: &Path) -> OwnedFd {
@@ -52,10 +52,7 @@ fn lookups_are_counted_and_forget_removes_the_link() {
     let root = s.get(ROOT_ID).unwrap();
     let (a, st) = s.lookup(&root, cname("a")).unwrap();
     assert_eq!(st.st_size, 5);
-    assert!(
-        matches!(a.handle, Handle::Link(_)),
-        "files are held by a link"
-    );
+    assert!(matches!(a.handle, Handle::Link), "files are held by a link");
     assert_eq!(entries(&work), 1);
     let (a2, _) = s.lookup(&root, cname("a")).unwrap();
     assert_eq!((a2.id, a.lookups()), (a.id, 2));
@@ -104,7 +101,7 @@ fn guest_sees_nlink_without_our_link_and_reads_through_it() {
         libc::S_IFLNK,
         "symlinks are not followed"
     );
-    assert!(matches!(sym.handle, Handle::Link(_)));
+    assert!(matches!(sym.handle, Handle::Link));
     // Unlinked on the host while the guest holds it: still readable through our link.
     std::fs::remove_file(share.join("f")).unwrap();
     std::fs::remove_file(share.join("g")).unwrap();
@@ -341,6 +338,12 @@ fn a_reused_inode_number_is_a_new_node() {
         std::fs::create_dir(&d).unwrap();
         let (dir, st) = s.lookup(&root, cname(&format!("d{i}"))).unwrap();
         assert!(matches!(dir.handle, Handle::Dir(_)));
+        // A directory just looked up keeps an fd in the store's cache, which pins it: look up
+        // enough others to push it out, so that nothing holds it but its handle.
+        for k in 0..DIR_FDS {
+            std::fs::create_dir(share.join(format!("e{i}-{k}"))).unwrap();
+            s.lookup(&root, cname(&format!("e{i}-{k}"))).unwrap();
+        }
         std::fs::remove_dir(&d).unwrap();
         // The next inode the file system hands out is very likely the one just freed.
         let f = share.join(format!("f{i}"));
@@ -363,5 +366,46 @@ fn a_reused_inode_number_is_a_new_node() {
     assert!(
         reused > 0,
         "the file system never reused an inode number: the test proved nothing"
+    );
+}
+
+#[test]
+fn directories_held_by_handle_keep_at_most_the_cache_open() {
+    if !is_root() {
+        eprintln!("skipped: directories are held by handle only as root");
+        return;
+    }
+    let (_t, share, work) = setup();
+    let n = 4 * DIR_FDS;
+    for i in 0..n {
+        std::fs::create_dir(share.join(format!("d{i}"))).unwrap();
+    }
+    let s = InodeStore::new(&work, open_dir(&share)).unwrap();
+    let root = s.get(ROOT_ID).unwrap();
+    let before = open_fds();
+    let dirs: Vec<_> = (0..n)
+        .map(|i| s.lookup(&root, cname(&format!("d{i}"))).unwrap().0)
+        .collect();
+    // Other tests of this binary open fds meanwhile: allow for them, far below one per directory.
+    let slack = 32;
+    let held = open_fds().saturating_sub(before);
+    assert_eq!(s.counts().handles, n);
+    assert!(
+        held <= DIR_FDS + slack,
+        "{held} fds open holding {n} directories"
+    );
+    // A second lookup finds the same nodes, cached or not, and counts each.
+    for (i, d) in dirs.iter().enumerate() {
+        let (again, st) = s.lookup(&root, cname(&format!("d{i}"))).unwrap();
+        assert_eq!((again.id, again.lookups()), (d.id, 2));
+        assert_eq!(st.st_mode & libc::S_IFMT, libc::S_IFDIR);
+    }
+    // Forgetting them closes what the cache held.
+    for d in &dirs {
+        s.forget(d.id, 2);
+    }
+    assert!(
+        open_fds() <= before,
+        "fds left open after forgetting every directory"
     );
 }

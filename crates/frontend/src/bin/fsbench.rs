@@ -1,15 +1,23 @@
 //! vsnap-fsbench: drives any vhost-user-fs backend (vsnap fs, virtiofsd) over its socket as a
-//! guest's virtiofs driver would, one request at a time, and reports per-operation round trips
-//! and the backend's CPU time per operation, fds and RSS. The shared dir must hold the tree
-//! bench/fs.sh makes: many/dN/fM (100 x 1,000 files), deep/c1/.../c63, data.bin (64 MiB).
+//! guest's virtiofs driver would and reports per-operation round trips, the backend's CPU time
+//! and context switches per operation, fds and RSS. Phases: `hold` (fds and RSS holding many
+//! inodes), `ops` (one request at a time: getattr, path lookups, create/unlink, reads and
+//! writes) and `io` (reads and writes with 1 and 16 requests in flight, for a fixed time). The
+//! shared dir must hold the tree bench/fs.sh makes: many/dN/fM (100 x 1,000 files),
+//! deep/c1/.../c63, data.bin (64 MiB).
 
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use clap::Parser;
 use serde_json::{json, Value};
-use vsnap_frontend::fs::Fuse;
-use vsnap_frontend::procstat::{cpu_seconds, open_fds, rss_kib};
+use vsnap_frontend::fs::{in_header, op as fuse_op, Fuse, IN_HEADER_LEN, OUT_HEADER_LEN};
+use vsnap_frontend::procstat::{
+    cpu_seconds, machine_busy_seconds, open_fds, rss_kib, switches_since, thread_switches,
+    ThreadSwitches,
+};
+use vsnap_frontend::Desc;
 
 const ROOT: u64 = 1;
 
@@ -31,27 +39,109 @@ struct Args {
     /// Iterations of the per-operation measurements.
     #[arg(long, default_value_t = 20000)]
     iters: usize,
-    /// Which part to run: `hold` (look up and hold many/, report fds and RSS) or `ops` (the
-    /// per-operation costs). Run each against a fresh daemon: a backend that ran out of fds
-    /// while holding may not recover.
-    #[arg(long, value_parser = ["hold", "ops"])]
+    /// Which part to run: `hold` (look up and hold many/, report fds and RSS), `ops` (the
+    /// per-operation costs, one request at a time) or `io` (reads and writes at 1 and 16 in
+    /// flight). Run each against a fresh daemon: a backend that ran out of fds while holding
+    /// may not recover.
+    #[arg(long, value_parser = ["hold", "ops", "io"])]
     phase: String,
+    /// Seconds per case of the `io` phase.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
 }
 
-/// Runs `f` `n` times: (wall µs per op, backend CPU µs per op).
-fn measure(pid: u32, n: usize, mut f: impl FnMut(usize)) -> (f64, f64) {
-    let c0 = cpu_seconds(pid).unwrap_or(0.0);
-    let t0 = Instant::now();
+/// Rounded to 2 decimals for the report.
+fn r2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+/// What one measured stretch cost: wall and backend CPU µs per op, the backend's context
+/// switches per op (each thread's, and their sum), and the frontend's own wake-ups per op.
+struct Cost {
+    wall_us: f64,
+    cpu_us: f64,
+    /// Cores' worth of CPU the rest of the machine used meanwhile: ~0 on a quiet machine.
+    background_cpus: f64,
+    threads: Vec<ThreadSwitches>,
+    frontend_vcs: u64,
+    ops: usize,
+}
+
+/// Reads the counters before a stretch; [`Meter::stop`] after it.
+struct Meter {
+    pid: u32,
+    cpu: f64,
+    own_cpu: f64,
+    machine: f64,
+    threads: Vec<ThreadSwitches>,
+    me: Vec<ThreadSwitches>,
+    t0: Instant,
+}
+
+impl Meter {
+    fn start(pid: u32) -> Self {
+        Meter {
+            pid,
+            threads: thread_switches(pid),
+            me: thread_switches(std::process::id()),
+            cpu: cpu_seconds(pid).unwrap_or(0.0),
+            own_cpu: cpu_seconds(std::process::id()).unwrap_or(0.0),
+            machine: machine_busy_seconds().unwrap_or(0.0),
+            t0: Instant::now(),
+        }
+    }
+
+    fn stop(self, ops: usize) -> Cost {
+        let wall = self.t0.elapsed().as_secs_f64();
+        let cpu = cpu_seconds(self.pid).unwrap_or(0.0) - self.cpu;
+        let own = cpu_seconds(std::process::id()).unwrap_or(0.0) - self.own_cpu;
+        let machine = machine_busy_seconds().unwrap_or(0.0) - self.machine;
+        let background_cpus = ((machine - cpu - own) / wall).max(0.0);
+        let threads = switches_since(&self.threads, &thread_switches(self.pid));
+        let me = switches_since(&self.me, &thread_switches(std::process::id()));
+        let n = ops.max(1) as f64;
+        Cost {
+            wall_us: wall * 1e6 / n,
+            cpu_us: cpu * 1e6 / n,
+            background_cpus,
+            threads,
+            frontend_vcs: me.iter().map(|t| t.voluntary).sum(),
+            ops,
+        }
+    }
+}
+
+impl Cost {
+    fn json(&self) -> Value {
+        let n = self.ops.max(1) as f64;
+        let per = |x: u64| (x as f64 / n * 1000.0).round() / 1000.0;
+        // Busiest first: the request queue's worker leads.
+        let mut threads = self.threads.clone();
+        threads.sort_by_key(|t| std::cmp::Reverse(t.voluntary + t.involuntary));
+        json!({
+            "wall_us": r2(self.wall_us),
+            "cpu_us": r2(self.cpu_us),
+            "background_cpus": r2(self.background_cpus),
+            "vcs_per_op": per(self.threads.iter().map(|t| t.voluntary).sum()),
+            "ivcs_per_op": per(self.threads.iter().map(|t| t.involuntary).sum()),
+            "threads": threads.iter().map(|t| json!({
+                "tid": t.tid,
+                "name": t.name,
+                "vcs_per_op": per(t.voluntary),
+                "ivcs_per_op": per(t.involuntary),
+            })).collect::<Vec<_>>(),
+            "frontend_vcs_per_op": per(self.frontend_vcs),
+        })
+    }
+}
+
+/// Runs `f` `n` times and says what it cost.
+fn measure(pid: u32, n: usize, mut f: impl FnMut(usize)) -> Cost {
+    let m = Meter::start(pid);
     for i in 0..n {
         f(i);
     }
-    let wall = t0.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(pid).unwrap_or(0.0) - c0;
-    (wall * 1e6 / n as f64, cpu * 1e6 / n as f64)
-}
-
-fn op(wall_cpu: (f64, f64)) -> Value {
-    json!({ "wall_us": (wall_cpu.0 * 100.0).round() / 100.0, "cpu_us": (wall_cpu.1 * 100.0).round() / 100.0 })
+    m.stop(n)
 }
 
 /// Least squares y = a + b x: (a, b).
@@ -71,10 +161,11 @@ fn main() -> Result<(), String> {
     let a = Args::parse();
     let mut f = Fuse::connect(&a.socket).map_err(|e| e.to_string())?;
     f.init().map_err(|e| format!("INIT: errno {e}"))?;
-    if a.phase == "hold" {
-        return hold(&mut f, &a);
+    match a.phase.as_str() {
+        "hold" => hold(&mut f, &a),
+        "io" => io(&mut f, &a),
+        _ => ops(&mut f, &a),
     }
-    ops(&mut f, &a)
 }
 
 fn hold(f: &mut Fuse, a: &Args) -> Result<(), String> {
@@ -114,10 +205,10 @@ fn hold(f: &mut Fuse, a: &Args) -> Result<(), String> {
         }
     }
     let lookups = held.len();
-    let first_lookup = (
-        t0.elapsed().as_secs_f64() * 1e6 / lookups as f64,
-        (cpu_seconds(pid).unwrap_or(0.0) - c0) * 1e6 / lookups as f64,
-    );
+    let first_lookup = json!({
+        "wall_us": r2(t0.elapsed().as_secs_f64() * 1e6 / lookups as f64),
+        "cpu_us": r2((cpu_seconds(pid).unwrap_or(0.0) - c0) * 1e6 / lookups as f64),
+    });
     let (fds1, rss1) = (open_fds(pid), rss_kib(pid));
     f.batch_forget(&held);
     let report = json!({
@@ -128,7 +219,7 @@ fn hold(f: &mut Fuse, a: &Args) -> Result<(), String> {
         "fds_holding": fds1,
         "rss_kib_idle": rss0,
         "rss_kib_holding": rss1,
-        "first_lookup": op(first_lookup),
+        "first_lookup": first_lookup,
     });
     println!("{report}");
     Ok(())
@@ -150,7 +241,7 @@ fn ops(f: &mut Fuse, a: &Args) -> Result<(), String> {
     for d in [1usize, 2, 4, 8, 16, 64] {
         let n = (a.iters / d).max(200);
         let mut ids = Vec::new();
-        let (wall, cpu) = measure(pid, n, |_| {
+        let c = measure(pid, n, |_| {
             let mut node = ROOT;
             for c in &comps[..d] {
                 node = f.lookup(node, c).expect("lookup");
@@ -158,8 +249,8 @@ fn ops(f: &mut Fuse, a: &Args) -> Result<(), String> {
             }
         });
         f.batch_forget(&ids);
-        depth.insert(d.to_string(), op((wall, cpu)));
-        points.push((d as f64, wall, cpu));
+        points.push((d as f64, c.wall_us, c.cpu_us));
+        depth.insert(d.to_string(), c.json());
     }
     let wall_fit = fit(&points.iter().map(|p| (p.0, p.1)).collect::<Vec<_>>());
     let cpu_fit = fit(&points.iter().map(|p| (p.0, p.2)).collect::<Vec<_>>());
@@ -192,23 +283,208 @@ fn ops(f: &mut Fuse, a: &Args) -> Result<(), String> {
         });
         let buf = vec![0x5au8; bs as usize];
         let w = measure(pid, n, |_| f.write(data, fh, next(), &buf).expect("write"));
-        rw.insert(format!("read_{}k", bs / 1024), op(r));
-        rw.insert(format!("write_{}k", bs / 1024), op(w));
+        rw.insert(format!("read_{}k", bs / 1024), r.json());
+        rw.insert(format!("write_{}k", bs / 1024), w.json());
     }
     f.release(data, fh)
         .map_err(|e| format!("release: errno {e}"))?;
 
     let report = json!({
         "label": a.label,
-        "getattr": op(getattr),
+        "getattr": getattr.json(),
         "lookup_path_depth": depth,
         "lookup_fit": {
             "wall_us": { "constant": (wall_fit.0 * 100.0).round() / 100.0, "per_component": (wall_fit.1 * 100.0).round() / 100.0 },
             "cpu_us": { "constant": (cpu_fit.0 * 100.0).round() / 100.0, "per_component": (cpu_fit.1 * 100.0).round() / 100.0 },
         },
-        "create_release_unlink": op(create_unlink),
+        "create_release_unlink": create_unlink.json(),
         "io": rw,
     });
     println!("{report}");
+    Ok(())
+}
+
+/// One request slot of the `io` phase: its request and reply buffers in guest memory.
+#[derive(Clone, Copy)]
+struct Slot {
+    /// `fuse_in_header` + `fuse_read_in`/`fuse_write_in`.
+    req: u64,
+    /// WRITE payload.
+    data: u64,
+    /// `fuse_out_header`, then (READ) the data.
+    rep: u64,
+}
+
+/// `qd` requests of `bs` bytes in flight for `seconds`, as the Linux driver lays them out:
+/// header and arguments in one device-readable descriptor, a WRITE's payload in the next, the
+/// reply header and a READ's data in two device-writable ones. Completions are collected and
+/// the slots refilled in batches, with one kick per batch.
+/// One case of the `io` phase.
+#[derive(Clone, Copy)]
+struct IoCase {
+    write: bool,
+    bs: u32,
+    qd: usize,
+    seconds: f64,
+}
+
+fn io_case(
+    f: &mut Fuse,
+    pid: u32,
+    (node, fh): (u64, u64),
+    c: IoCase,
+    slots: &[Slot],
+) -> Result<Value, String> {
+    let IoCase {
+        write,
+        bs,
+        qd,
+        seconds,
+    } = c;
+    let opcode = if write { fuse_op::WRITE } else { fuse_op::READ };
+    let span = (64u64 << 20) / u64::from(bs);
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(bs) ^ u64::from(write);
+    let mut next_off = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % span) * u64::from(bs)
+    };
+    let payload: Vec<u8> = (0..bs).map(|i| (i as u8) | 1).collect();
+    for s in &slots[..qd] {
+        if write {
+            f.fe.mem.write(s.data, &payload);
+        }
+    }
+    let mut unique = 1u64 << 40;
+    let mut submit = |f: &mut Fuse, s: &Slot| -> Option<u16> {
+        unique += 2;
+        let len = IN_HEADER_LEN as u32 + 40 + if write { bs } else { 0 };
+        let mut msg = in_header(len, opcode, unique, node, 0, 0);
+        msg.extend_from_slice(&Fuse::rw_in(fh, next_off(), bs, 0));
+        let mem = &f.fe.mem;
+        mem.write(s.req, &msg);
+        mem.write(s.rep, &[0u8; OUT_HEADER_LEN]);
+        let descs = if write {
+            vec![
+                Desc::r(s.req, msg.len() as u32),
+                Desc::r(s.data, bs),
+                // fuse_out_header + fuse_write_out.
+                Desc::w(s.rep, OUT_HEADER_LEN as u32 + 8),
+            ]
+        } else {
+            vec![
+                Desc::r(s.req, msg.len() as u32),
+                Desc::w(s.rep, OUT_HEADER_LEN as u32),
+                Desc::w(s.rep + OUT_HEADER_LEN as u64, bs),
+            ]
+        };
+        f.fe.queues[1].add(mem, &descs)
+    };
+    let mut started: HashMap<u16, (usize, Instant)> = HashMap::new();
+    let mut lat: Vec<u32> = Vec::with_capacity(1 << 20);
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let meter = Meter::start(pid);
+    for (k, s) in slots[..qd].iter().enumerate() {
+        let head = submit(f, s).ok_or("ring full")?;
+        started.insert(head, (k, Instant::now()));
+    }
+    f.fe.queues[1].publish(&f.fe.mem);
+    let mut errors = 0u64;
+    while !started.is_empty() {
+        let done = {
+            let fe = &mut f.fe;
+            fe.queues[1].wait_used(&fe.mem, 1, Duration::from_secs(10))
+        };
+        if done.is_empty() {
+            return Err(format!("{qd} requests unanswered for 10 s"));
+        }
+        let now = Instant::now();
+        let more = now < deadline;
+        for (head, _) in done {
+            let Some((k, t)) = started.remove(&head) else {
+                return Err(format!("completion of unknown head {head}"));
+            };
+            lat.push(now.duration_since(t).as_nanos().min(u128::from(u32::MAX)) as u32);
+            let out = f.fe.mem.read_vec(slots[k].rep, OUT_HEADER_LEN);
+            let (len, error) = (
+                u32::from_le_bytes(out[0..4].try_into().expect("4")),
+                i32::from_le_bytes(out[4..8].try_into().expect("4")),
+            );
+            let want = OUT_HEADER_LEN as u32 + if write { 8 } else { bs };
+            if error != 0 || len != want {
+                errors += 1;
+            }
+            if more {
+                let head = submit(f, &slots[k]).ok_or("ring full")?;
+                started.insert(head, (k, Instant::now()));
+            }
+        }
+        if more {
+            f.fe.queues[1].publish(&f.fe.mem);
+        }
+    }
+    if errors > 0 {
+        return Err(format!("{errors} of {} requests failed", lat.len()));
+    }
+    let ops = lat.len();
+    let elapsed = meter.t0.elapsed().as_secs_f64();
+    let cost = meter.stop(ops);
+    lat.sort_unstable();
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .map_or(0.0, |&n| r2(f64::from(n) / 1000.0))
+    };
+    let mut v = cost.json();
+    let o = v.as_object_mut().expect("object");
+    o.insert("ops".into(), json!(ops));
+    o.insert("errors".into(), json!(errors));
+    o.insert("iops".into(), json!((ops as f64 / elapsed).round()));
+    o.insert(
+        "mib_s".into(),
+        json!(r2(ops as f64 * f64::from(bs)
+            / elapsed
+            / f64::from(1 << 20))),
+    );
+    o.insert("lat_p50_us".into(), json!(pct(0.5)));
+    o.insert("lat_p99_us".into(), json!(pct(0.99)));
+    Ok(v)
+}
+
+fn io(f: &mut Fuse, a: &Args) -> Result<(), String> {
+    const QDS: [usize; 2] = [1, 16];
+    let data = f
+        .lookup(ROOT, "data.bin")
+        .map_err(|e| format!("data.bin: errno {e}"))?;
+    let fh = f
+        .open(data, libc::O_RDWR as u32)
+        .map_err(|e| format!("open: errno {e}"))?;
+    let max = 128u64 << 10;
+    let slots: Vec<Slot> = (0..QDS[1])
+        .map(|_| Slot {
+            req: f.fe.mem.alloc(4096, 4096),
+            data: f.fe.mem.alloc(max, 4096),
+            rep: f.fe.mem.alloc(max + 4096, 4096),
+        })
+        .collect();
+    let mut cases = serde_json::Map::new();
+    for bs in [4096u32, 128 << 10] {
+        for write in [false, true] {
+            for qd in QDS {
+                let c = IoCase {
+                    write,
+                    bs,
+                    qd,
+                    seconds: a.seconds,
+                };
+                let r = io_case(f, a.pid, (data, fh), c, &slots)?;
+                let rw = if write { "write" } else { "read" };
+                cases.insert(format!("{rw}_{}k_qd{qd}", bs / 1024), r);
+            }
+        }
+    }
+    f.release(data, fh)
+        .map_err(|e| format!("release: errno {e}"))?;
+    println!("{}", json!({ "label": a.label, "qd_io": cases }));
     Ok(())
 }

@@ -87,9 +87,11 @@ const ALLOWED: &[libc::c_long] = calls![
     SYS_eventfd2,
     SYS_read,
     SYS_write,
-    // File data.
+    // File data; the vectored pair moves READ and WRITE data to and from guest memory.
     SYS_pread64,
     SYS_pwrite64,
+    SYS_preadv,
+    SYS_pwritev,
     SYS_lseek,
     SYS_copy_file_range,
     SYS_fallocate,
