@@ -79,62 +79,41 @@ fn frontend(d: &Daemon) -> Frontend {
     .unwrap()
 }
 
+/// One request of `CHUNK` bytes at chunk `i`, waited for; what the guest got back.
+fn request(fe: &mut Frontend, typ: u32, i: usize, out: &[u8]) -> Vec<u8> {
+    let bufs = Bufs::new(&fe.mem, CHUNK as u32);
+    let sector = (i * CHUNK / 512) as u64;
+    let in_len = if out.is_empty() { CHUNK as u32 } else { 0 };
+    let p = place(
+        &mut fe.queues[0],
+        &fe.mem,
+        bufs,
+        typ,
+        sector,
+        out,
+        in_len,
+        Layout::Simple,
+        true,
+    )
+    .unwrap();
+    fe.queues[0].publish(&fe.mem);
+    let done = fe.queues[0].wait_used(&fe.mem, 1, Duration::from_secs(10));
+    assert_eq!(done.len(), 1);
+    assert_eq!(p.status(&fe.mem), 0);
+    p.data(&fe.mem)
+}
+
 /// Writes `data` from offset 0 in 128 KiB requests.
 fn write(fe: &mut Frontend, data: &[u8]) {
     for (i, c) in data.chunks(CHUNK).enumerate() {
-        let bufs = Bufs::new(&fe.mem, CHUNK as u32);
-        let sector = (i * CHUNK / 512) as u64;
-        let p = place(
-            &mut fe.queues[0],
-            &fe.mem,
-            bufs,
-            T_OUT,
-            sector,
-            c,
-            0,
-            Layout::Simple,
-            true,
-        )
-        .unwrap();
-        fe.queues[0].publish(&fe.mem);
-        assert_eq!(
-            fe.queues[0]
-                .wait_used(&fe.mem, 1, Duration::from_secs(10))
-                .len(),
-            1
-        );
-        assert_eq!(p.status(&fe.mem), 0);
+        request(fe, T_OUT, i, c);
     }
 }
 
 fn read(fe: &mut Frontend, len: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len);
-    for i in 0..len / CHUNK {
-        let bufs = Bufs::new(&fe.mem, CHUNK as u32);
-        let sector = (i * CHUNK / 512) as u64;
-        let p = place(
-            &mut fe.queues[0],
-            &fe.mem,
-            bufs,
-            T_IN,
-            sector,
-            &[],
-            CHUNK as u32,
-            Layout::Simple,
-            true,
-        )
-        .unwrap();
-        fe.queues[0].publish(&fe.mem);
-        assert_eq!(
-            fe.queues[0]
-                .wait_used(&fe.mem, 1, Duration::from_secs(10))
-                .len(),
-            1
-        );
-        assert_eq!(p.status(&fe.mem), 0);
-        out.extend(p.data(&fe.mem));
-    }
-    out
+    (0..len / CHUNK)
+        .flat_map(|i| request(fe, T_IN, i, &[]))
+        .collect()
 }
 
 /// Mixed content: compressible text and incompressible noise.

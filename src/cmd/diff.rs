@@ -261,11 +261,7 @@ fn inspect(path: PathBuf, json: bool) -> anyhow::Result<()> {
         data_offset: h.data_offset(),
         raw_bytes: st.raw_bytes,
         stored_bytes: st.stored_bytes,
-        compression_ratio: if st.stored_bytes == 0 {
-            1.0
-        } else {
-            st.raw_bytes as f64 / st.stored_bytes as f64
-        },
+        compression_ratio: st.compression_ratio(),
         frames: st.frames,
         zstd_frames: st.zstd_frames,
         referenced_blocks: st.referenced_blocks,

@@ -98,11 +98,7 @@ impl From<vsnap_block::diff::DataStats> for DiffFigures {
             raw_bytes: s.raw_bytes,
             stored_bytes: s.stored_bytes,
             referenced_blocks: s.referenced_blocks,
-            compression_ratio: if s.stored_bytes == 0 {
-                1.0
-            } else {
-                s.raw_bytes as f64 / s.stored_bytes as f64
-            },
+            compression_ratio: s.compression_ratio(),
         }
     }
 }

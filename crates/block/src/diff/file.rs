@@ -51,6 +51,17 @@ pub struct DataStats {
     pub reference_frames: u64,
 }
 
+impl DataStats {
+    /// Raw bytes per stored byte (1 when nothing is stored).
+    pub fn compression_ratio(&self) -> f64 {
+        if self.stored_bytes == 0 {
+            1.0
+        } else {
+            self.raw_bytes as f64 / self.stored_bytes as f64
+        }
+    }
+}
+
 /// A piece of the dirty data, as [`DiffFile::for_each_piece`] streams it: consecutive dirty
 /// blocks, either stored here or copies of consecutive parent-state blocks.
 #[derive(Clone, Copy, Debug)]
