@@ -61,7 +61,10 @@ impl Output {
             Location::Object(_) => {
                 let dir = cache_dir().join("uploads");
                 std::fs::create_dir_all(&dir)?;
-                dir.join(format!("out-{}.diff", std::process::id()))
+                // A leftover of an earlier process with this pid is no output of ours.
+                let local = dir.join(format!("out-{}.diff", std::process::id()));
+                let _ = std::fs::remove_file(&local);
+                local
             }
         };
         Ok(Output { target, local })

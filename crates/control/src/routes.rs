@@ -1,7 +1,7 @@
 //! Request routing: method + path → an operation on the disk, answered in JSON.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::de::DeserializeOwned;
@@ -57,21 +57,25 @@ fn write_options(r: &ExportRequest) -> WriteOptions {
     opts
 }
 
-/// What exported diffs cost, by generation: read from the file once, when first asked for.
+/// What exported diffs cost, by generation and export target: read from the file once, when
+/// first asked for (a generation exported again, elsewhere or otherwise, is read again).
 #[derive(Default)]
-struct Figures(Mutex<HashMap<u64, DiffFigures>>);
+struct Figures(Mutex<HashMap<u64, (PathBuf, DiffFigures)>>);
 
 impl Figures {
-    fn record(&self, generation: u64, path: &std::path::Path) -> Option<DiffFigures> {
-        let f: DiffFigures = DiffFile::open(path).ok()?.data_stats().into();
+    /// Reads the figures of the diff at `file`, the export of `generation` to `target` (the
+    /// same path, or the URL it was uploaded to).
+    fn record(&self, generation: u64, target: &Path, file: &Path) -> Option<DiffFigures> {
+        let f: DiffFigures = DiffFile::open(file).ok()?.data_stats().into();
         self.0
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(generation, f);
+            .insert(generation, (target.to_owned(), f));
         Some(f)
     }
 
     fn get(&self, l: &LayerInfo) -> Option<DiffFigures> {
+        let target = l.export_path.as_deref()?;
         if l.export != ExportPhase::Done {
             return None;
         }
@@ -80,8 +84,9 @@ impl Figures {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(&l.generation)
-            .copied();
-        known.or_else(|| self.record(l.generation, l.export_path.as_deref()?))
+            .filter(|(t, _)| t == target)
+            .map(|&(_, f)| f);
+        known.or_else(|| self.record(l.generation, target, target))
     }
 }
 
@@ -451,14 +456,14 @@ impl Api {
             .map_err(block_error)?;
         self.uploads.begin(generation, url.to_owned());
         let (disk, uploads) = (self.disk.clone(), self.uploads.clone());
-        let figures = self.figures.clone();
+        let (figures, target) = (self.figures.clone(), PathBuf::from(url));
         let spawned = std::thread::Builder::new()
             .name(format!("vsnap-upload-{generation}"))
             .spawn(
                 move || match disk.run_export_with(generation, &local, None, &opts, &job) {
                     Ok(_) => {
                         // The local file goes once uploaded: take its figures first.
-                        figures.record(generation, &local);
+                        figures.record(generation, &target, &local);
                         uploads.upload(generation, &local, &object)
                     }
                     Err(e) => uploads.fail(generation, e.to_string()),

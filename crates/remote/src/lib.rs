@@ -43,6 +43,8 @@ pub enum RemoteError {
     Io { path: PathBuf, source: io::Error },
     #[error("{url}: {got} bytes read, the object has {want}")]
     Short { url: String, got: u64, want: u64 },
+    #[error("{0}: the object changed while it was copied")]
+    Changed(String),
     #[error("async runtime: {0}")]
     Runtime(io::Error),
 }
@@ -378,11 +380,7 @@ pub fn local_copy(loc: &Location, cache: &Path, progress: &mut dyn FnMut(u64)) -
     let _ = std::fs::remove_file(&tmp);
     let r = obj.download(&tmp, progress).and_then(|got| {
         if got.e_tag != meta.e_tag {
-            return Err(RemoteError::Short {
-                url: url.to_owned(),
-                got: got.size,
-                want: meta.size,
-            });
+            return Err(RemoteError::Changed(url.to_owned()));
         }
         std::fs::rename(&tmp, &path).map_err(|e| io_err(&path, e))
     });
