@@ -16,6 +16,11 @@
 //! it is dropped. [`StoreMode::Fd`] keeps virtiofsd's classic behaviour (one `O_PATH` fd per
 //! inode) for comparison.
 //!
+//! The table itself ([`crate::inode_table`]) is compact: a fixed-size record per inode (no fd,
+//! no name: a link's name is derived from its inode number and node id), the key index a table
+//! of slot numbers, and the few file handles and fds out of line. What callers get is an
+//! [`Inode`], a copy of the record taken under the table's lock.
+//!
 //! Safety rules kept here:
 //! - The workdir is opened without following a link and must be a directory the daemon owns;
 //!   anything else at its name is refused before anything is touched, and emptying it never
@@ -26,15 +31,19 @@
 //!   Directories held by file handle are not pinned: their number can be reused by the file
 //!   system once they are deleted, so a lookup compares the handle (which carries the inode's
 //!   generation) before it returns an existing node.
+//! - A node id is never handed out twice (slots carry a generation; one that would wrap is
+//!   retired): an id the guest kept past its forget, or made up, is unknown (ENOENT), and an
+//!   [`Inode`] copy of a forgotten node reaches that node's link name, handle or fd only, never
+//!   another inode's.
 
 use std::collections::HashMap;
 use std::ffi::{CStr, CString};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use crate::inode_table::{self, NewRecord, Table, TableError};
 use crate::sys::{self, FileHandle, InodeAt, Name};
 
 /// FUSE's root node id.
@@ -49,6 +58,8 @@ pub enum StoreError {
     #[error("unknown node id {0}")]
     UnknownNode(u64),
     #[error(transparent)]
+    Table(#[from] TableError),
+    #[error(transparent)]
     Io(#[from] io::Error),
 }
 
@@ -58,6 +69,7 @@ impl From<StoreError> for sys::Errno {
             StoreError::UnknownNode(_) => sys::Errno(libc::ENOENT),
             StoreError::Io(e) | StoreError::Workdir { source: e, .. } => e.into(),
             StoreError::WorkdirRefused { .. } => sys::Errno(libc::EIO),
+            StoreError::Table(_) => sys::Errno(libc::ENFILE),
         }
     }
 }
@@ -75,19 +87,31 @@ pub enum StoreMode {
 }
 
 /// How an inode is held open.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub enum Handle {
     /// A hard link in the workdir, named by [`Inode::link_name`] (so no name is stored); no fd
     /// held.
     Link,
     /// A file handle (`name_to_handle_at`), for directories on the share's own mount when the
     /// daemon may open handles (CAP_DAC_READ_SEARCH); no fd held.
-    Dir(FileHandle),
-    /// An `O_PATH` fd.
-    Fd(OwnedFd),
+    Dir(Arc<FileHandle>),
+    /// An `O_PATH` fd (shared with the copies of the inode in use: it closes when the inode is
+    /// forgotten and the last copy is dropped).
+    Fd(Arc<OwnedFd>),
 }
 
-#[derive(Debug)]
+/// The part of an inode not held by a link, kept out of the table's records.
+#[derive(Clone, Debug)]
+enum Rare {
+    Dir(Arc<FileHandle>),
+    Fd(Arc<OwnedFd>),
+}
+
+type Shared = RwLock<Table<Rare>>;
+
+/// A copy of an inode's record, taken under the table's lock: cheap to clone (the file handle
+/// or fd is shared). Only its lookup count is read live, from the table.
+#[derive(Clone)]
 pub struct Inode {
     pub id: u64,
     pub key: InodeKey,
@@ -95,15 +119,31 @@ pub struct Inode {
     /// The file type bits (`S_IFMT`) of `st_mode`; an inode never changes type.
     pub kind: libc::mode_t,
     pub handle: Handle,
-    lookups: AtomicU64,
     /// For linked inodes: the ctime before and just after our `linkat`.
     ctimes: Option<(Ctime, Ctime)>,
+    table: Arc<Shared>,
 }
 
-type Ctime = (i64, i64);
+impl std::fmt::Debug for Inode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inode")
+            .field("id", &self.id)
+            .field("key", &self.key)
+            .field("kind", &self.kind)
+            .field("handle", &self.handle)
+            .field("ctimes", &self.ctimes)
+            .finish_non_exhaustive()
+    }
+}
+
+type Ctime = inode_table::Ctime;
 
 fn ctime(st: &libc::stat) -> Ctime {
     (st.st_ctime, st.st_ctime_nsec)
+}
+
+fn read(t: &Shared) -> RwLockReadGuard<'_, Table<Rare>> {
+    t.read().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// An `O_PATH` fd for an inode: the store's own (fd-held inodes) or one opened through the
@@ -184,8 +224,9 @@ impl Inode {
         link_file_name(self.key.1, self.id)
     }
 
+    /// The guest's references to this node now: 0 once it is forgotten.
     pub fn lookups(&self) -> u64 {
-        self.lookups.load(Ordering::Acquire)
+        read(&self.table).lookups(self.id).unwrap_or(0)
     }
 
     /// Whether opening this inode for I/O is safe: regular files and directories only.
@@ -195,10 +236,12 @@ impl Inode {
 
     /// Takes our workdir link out of `st` (taken through the link or an fd of this inode).
     fn hide_link(&self, st: &mut libc::stat) {
-        if let Some((before, after)) = self.ctimes {
+        if let Handle::Link = self.handle {
             st.st_nlink = st.st_nlink.saturating_sub(1);
-            if ctime(st) == after {
-                (st.st_ctime, st.st_ctime_nsec) = before;
+            if let Some((before, after)) = self.ctimes {
+                if ctime(st) == after {
+                    (st.st_ctime, st.st_ctime_nsec) = before;
+                }
             }
         }
     }
@@ -224,9 +267,15 @@ pub struct InodeStore {
     workdir_entry: (InodeKey, CString),
     /// Links only work within one mount: inodes of other mounts are held by fd.
     workdir_mnt: Option<u64>,
-    inodes: RwLock<HashMap<u64, Arc<Inode>>>,
-    by_key: Mutex<HashMap<InodeKey, u64>>,
-    next_id: AtomicU64,
+    /// The key lock: held by whatever decides which inodes the table holds and counts their
+    /// lookups (adopt, the lookup of a known inode, forget), across the system calls that
+    /// decide it, so two lookups of one new inode make one node and a forget never runs between
+    /// finding a node and counting the lookup. Taken before the table's lock and the dir fd
+    /// cache's.
+    keys: Mutex<()>,
+    /// The inodes; its lock is held for memory work only, never across a system call. The
+    /// [`Inode`] copies share it to read their lookup counts.
+    table: Arc<Shared>,
     dir_fds: Mutex<DirFds>,
 }
 
@@ -354,47 +403,79 @@ impl InodeStore {
         if mode == StoreMode::Workdir && dir_handles.is_none() {
             tracing::info!("no CAP_DAC_READ_SEARCH: directories are held by fd");
         }
-        let store = Self {
+        // The table's first record is node 1.
+        let mut table = Table::new();
+        let slot = table.reserve((root_st.st_dev, root_st.st_ino))?;
+        debug_assert_eq!(slot.id(), ROOT_ID);
+        table.fill(
+            slot,
+            NewRecord {
+                kind: libc::S_IFDIR,
+                ctimes: None,
+                rare: Some(Rare::Fd(Arc::new(root))),
+                lookups: 1,
+            },
+        );
+        Ok(Self {
             mode,
             dir_handles,
             workdir_mnt: sys::mnt_id(dir.as_fd()),
             workdir: dir,
             workdir_key: (st.st_dev, st.st_ino),
             workdir_entry,
-            inodes: RwLock::new(HashMap::new()),
-            by_key: Mutex::new(HashMap::new()),
-            next_id: AtomicU64::new(ROOT_ID + 1),
+            keys: Mutex::new(()),
+            table: Arc::new(RwLock::new(table)),
             dir_fds: Mutex::new(DirFds::default()),
-        };
-        let root = Arc::new(Inode {
-            id: ROOT_ID,
-            key: (root_st.st_dev, root_st.st_ino),
-            is_dir: true,
-            kind: libc::S_IFDIR,
-            handle: Handle::Fd(root),
-            lookups: AtomicU64::new(1),
-            ctimes: None,
-        });
-        store
-            .by_key
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(root.key, ROOT_ID);
-        store
-            .inodes
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(ROOT_ID, root);
-        Ok(store)
+        })
     }
 
-    pub fn get(&self, id: u64) -> Result<Arc<Inode>, StoreError> {
-        self.inodes
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&id)
-            .cloned()
+    fn table(&self) -> RwLockReadGuard<'_, Table<Rare>> {
+        read(&self.table)
+    }
+
+    fn table_mut(&self) -> RwLockWriteGuard<'_, Table<Rare>> {
+        self.table.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn keys(&self) -> MutexGuard<'_, ()> {
+        self.keys.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn inode(&self, e: inode_table::Entry<Rare>) -> Inode {
+        Inode {
+            id: e.id,
+            key: e.key,
+            is_dir: e.kind == libc::S_IFDIR,
+            kind: e.kind,
+            handle: match e.rare {
+                None => Handle::Link,
+                Some(Rare::Dir(h)) => Handle::Dir(h),
+                Some(Rare::Fd(fd)) => Handle::Fd(fd),
+            },
+            ctimes: e.ctimes,
+            table: self.table.clone(),
+        }
+    }
+
+    pub fn get(&self, id: u64) -> Result<Inode, StoreError> {
+        let entry = self.table().get(id);
+        entry
+            .map(|e| self.inode(e))
             .ok_or(StoreError::UnknownNode(id))
+    }
+
+    /// The node indexed under `key` (the newest inode of that number).
+    fn find(&self, key: InodeKey) -> Option<Inode> {
+        let entry = {
+            let t = self.table();
+            t.find(key).and_then(|id| t.get(id))
+        };
+        entry.map(|e| self.inode(e))
+    }
+
+    /// Bytes the inode table has allocated (figures only).
+    pub fn table_bytes(&self) -> usize {
+        self.table().heap_bytes()
     }
 
     /// The workdir's (st_dev, st_ino): the file system layer hides it from the guest.
@@ -413,7 +494,7 @@ impl InodeStore {
         &self,
         parent: &Inode,
         name: Name<'_>,
-    ) -> Result<(Arc<Inode>, libc::stat), StoreError> {
+    ) -> Result<(Inode, libc::stat), StoreError> {
         self.lookup_at(self.path_fd(parent)?.as_fd(), name)
     }
 
@@ -422,7 +503,7 @@ impl InodeStore {
         &self,
         dir: BorrowedFd<'_>,
         name: Name<'_>,
-    ) -> Result<(Arc<Inode>, libc::stat), StoreError> {
+    ) -> Result<(Inode, libc::stat), StoreError> {
         if let Some(known) = self.lookup_known(dir, name)? {
             return Ok(known);
         }
@@ -438,41 +519,40 @@ impl InodeStore {
         &self,
         dir: BorrowedFd<'_>,
         name: Name<'_>,
-    ) -> Result<Option<(Arc<Inode>, libc::stat)>, StoreError> {
+    ) -> Result<Option<(Inode, libc::stat)>, StoreError> {
         let mut st = sys::fstatat(dir, name)?;
         let key = (st.st_dev, st.st_ino);
         if key == self.workdir_key {
             return Err(io::Error::from_raw_os_error(libc::ENOENT).into());
         }
-        let by_key = self.by_key.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(&id) = by_key.get(&key) else {
-            return Ok(None);
-        };
-        let Ok(inode) = self.get(id) else {
+        let keys = self.keys();
+        let Some(inode) = self.find(key) else {
             return Ok(None);
         };
         let pinned = match inode.handle {
             Handle::Link | Handle::Fd(_) => true,
-            Handle::Dir(_) => self.dir_fds().get(id).is_some(),
+            Handle::Dir(_) => self.dir_fds().get(inode.id).is_some(),
         };
         if !pinned || inode.kind != st.st_mode & libc::S_IFMT {
             return Ok(None);
         }
-        inode.lookups.fetch_add(1, Ordering::AcqRel);
-        drop(by_key);
+        // Under the key lock, as the find: no forget ran in between, the node is still there.
+        self.table_mut().add_lookups(inode.id, 1);
+        drop(keys);
         inode.hide_link(&mut st);
         Ok(Some((inode, st)))
     }
 
     /// Drops the cached fd of the directory known under `key`, if any (it was removed).
     pub fn uncache_dir(&self, key: InodeKey) {
-        let by_key = self.by_key.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(&id) = by_key.get(&key) {
+        let _keys = self.keys();
+        let id = self.table().find(key);
+        if let Some(id) = id {
             self.dir_fds().remove(id);
         }
     }
 
-    fn dir_fds(&self) -> std::sync::MutexGuard<'_, DirFds> {
+    fn dir_fds(&self) -> MutexGuard<'_, DirFds> {
         self.dir_fds.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -484,39 +564,38 @@ impl InodeStore {
             return false;
         }
         match &known.handle {
-            Handle::Dir(h) => sys::name_to_handle(fd.as_fd()).is_ok_and(|(now, _)| &now == h),
+            Handle::Dir(h) => sys::name_to_handle(fd.as_fd()).is_ok_and(|(now, _)| now == **h),
             Handle::Link | Handle::Fd(_) => true,
         }
     }
 
     /// Counts one guest reference to the inode `fd` (an `O_PATH` fd) refers to, taking it into
     /// the table if it is new.
-    pub fn adopt(&self, fd: OwnedFd) -> Result<(Arc<Inode>, libc::stat), StoreError> {
+    pub fn adopt(&self, fd: OwnedFd) -> Result<(Inode, libc::stat), StoreError> {
         let mut st = sys::fstat(fd.as_fd())?;
         let key = (st.st_dev, st.st_ino);
         if key == self.workdir_key {
             return Err(io::Error::from_raw_os_error(libc::ENOENT).into());
         }
-        let mut by_key = self.by_key.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(&id) = by_key.get(&key) {
-            let inode = self.get(id)?;
+        let keys = self.keys();
+        if let Some(inode) = self.find(key) {
             if Self::same_inode(&inode, &fd, &st) {
-                inode.lookups.fetch_add(1, Ordering::AcqRel);
+                self.table_mut().add_lookups(inode.id, 1);
                 if matches!(inode.handle, Handle::Dir(_)) {
                     // Looked up now, likely walked through next: keep the fd we have. Under
                     // the key lock, so a forget of the node uncaches it after this.
-                    self.dir_fds().insert(id, Arc::new(fd));
+                    self.dir_fds().insert(inode.id, Arc::new(fd));
                 }
-                drop(by_key);
+                drop(keys);
                 inode.hide_link(&mut st);
                 return Ok((inode, st));
             }
             // A new inode under a reused number: it gets a node id of its own below, and the
             // old node (which the guest may still hold) answers ESTALE until forgotten.
-            tracing::debug!(old = id, "inode number reused");
+            tracing::debug!(old = inode.id, "inode number reused");
         }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
+        let kind = st.st_mode & libc::S_IFMT;
+        let is_dir = kind == libc::S_IFDIR;
         let linkable = self.mode == StoreMode::Workdir
             && !is_dir
             && st.st_dev == self.workdir_key.0
@@ -528,48 +607,47 @@ impl InodeStore {
                 .map(|(h, _)| h),
             _ => None,
         };
+        // The node id first: the link is named after it. Only key-lock holders fill or free
+        // slots, so the reservation is ours until filled below.
+        let slot = self.table_mut().reserve(key)?;
+        let id = slot.id();
         let mut dir_fd = None;
-        let (handle, ctimes) = if let Some(h) = dir_handle {
+        let (rare, ctimes) = if let Some(h) = dir_handle {
             dir_fd = Some(fd);
-            (Handle::Dir(h), None)
+            (Some(Rare::Dir(Arc::new(h))), None)
         } else if linkable {
             match self.link(&fd, st.st_ino, id) {
                 Ok(()) => {
                     let after = sys::fstat(fd.as_fd())
                         .map(|a| ctime(&a))
                         .unwrap_or_default();
-                    (Handle::Link, Some((ctime(&st), after)))
+                    (None, Some((ctime(&st), after)))
                 }
                 Err(e) => {
                     // EPERM (protected_hardlinks for an unprivileged daemon), …
                     tracing::debug!(error = %e, "holding inode by fd");
-                    (Handle::Fd(fd), None)
+                    (Some(Rare::Fd(Arc::new(fd))), None)
                 }
             }
         } else {
-            (Handle::Fd(fd), None)
+            (Some(Rare::Fd(Arc::new(fd))), None)
         };
-        let inode = Arc::new(Inode {
-            id,
-            key,
-            is_dir,
-            kind: st.st_mode & libc::S_IFMT,
-            handle,
-            lookups: AtomicU64::new(1),
-            ctimes,
-        });
-        by_key.insert(key, id);
-        self.inodes
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(id, inode.clone());
+        let entry = self.table_mut().fill(
+            slot,
+            NewRecord {
+                kind,
+                ctimes,
+                rare,
+                lookups: 1,
+            },
+        );
         if let Some(fd) = dir_fd {
             // Under the key lock: a forget of this node cannot run before it is cached.
             self.dir_fds().insert(id, Arc::new(fd));
         }
-        drop(by_key);
+        drop(keys);
         // `st` is from before the link: already what the guest should see.
-        Ok((inode, st))
+        Ok((self.inode(entry), st))
     }
 
     fn link(&self, fd: &OwnedFd, ino: u64, id: u64) -> io::Result<()> {
@@ -598,8 +676,11 @@ impl InodeStore {
                 }
                 let fd = Arc::new(sys::open_by_handle(self.mount_fd()?, h, libc::O_PATH)?);
                 // Not cached once forgotten: the cache must not pin a directory nobody holds.
+                // Checked under the cache's lock: a forget frees the node before it uncaches
+                // it, so either the node is gone here or its forget uncaches after this.
+                let mut cache = self.dir_fds();
                 if inode.lookups() > 0 {
-                    self.dir_fds().insert(inode.id, fd.clone());
+                    cache.insert(inode.id, fd.clone());
                 }
                 Ok(PathFd::Shared(fd))
             }
@@ -664,54 +745,34 @@ impl InodeStore {
 
     /// Forgets every inode but the root (the guest unmounted, rebooted or re-initialised).
     pub fn clear(&self) {
-        let ids: Vec<u64> = self
-            .inodes
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .keys()
-            .copied()
-            .filter(|&id| id != ROOT_ID)
-            .collect();
+        let ids: Vec<u64> = self.table().ids().filter(|&id| id != ROOT_ID).collect();
         for id in ids {
             self.forget(id, u64::MAX);
         }
     }
 
-    /// Drops `n` guest references; the inode (and its link) goes when none is left.
+    /// Drops `n` guest references; the inode (and its link) goes when none is left. An id that
+    /// is not a live node (never handed out, or forgotten, its slot maybe reused under another
+    /// generation) changes nothing.
     pub fn forget(&self, id: u64, n: u64) {
         if id == ROOT_ID {
             return;
         }
-        let mut by_key = self.by_key.lock().unwrap_or_else(PoisonError::into_inner);
-        let Ok(inode) = self.get(id) else { return };
-        let left = inode
-            .lookups
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |l| {
-                Some(l.saturating_sub(n))
-            })
-            .map(|prev| prev.saturating_sub(n))
-            .unwrap_or(0);
-        if left > 0 {
-            return;
-        }
-        // A reused number may already map to a newer inode: leave that mapping alone.
-        if by_key.get(&inode.key) == Some(&id) {
-            by_key.remove(&inode.key);
-        }
-        self.inodes
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&id);
-        drop(by_key);
+        let keys = self.keys();
+        let removed = self.table_mut().forget(id, n);
+        drop(keys);
+        let Some(removed) = removed else { return };
         self.dir_fds().remove(id);
-        self.unlink(&inode);
+        if removed.rare.is_none() {
+            self.unlink(removed.key.1, id);
+        }
+        // An fd of the node closes here (outside every lock), unless a copy still holds it.
+        drop(removed);
     }
 
-    fn unlink(&self, inode: &Inode) {
-        if let Handle::Link = &inode.handle {
-            let name = inode.link_name();
-            let _ = sys::unlinkat(self.workdir.as_fd(), Self::link_component(&name), 0);
-        }
+    fn unlink(&self, ino: u64, id: u64) {
+        let name = link_file_name(ino, id);
+        let _ = sys::unlinkat(self.workdir.as_fd(), Self::link_component(&name), 0);
     }
 
     /// BATCH_FORGET.
@@ -722,31 +783,215 @@ impl InodeStore {
     }
 
     pub fn counts(&self) -> StoreCounts {
-        let inodes = self.inodes.read().unwrap_or_else(PoisonError::into_inner);
+        let t = self.table();
         let mut c = StoreCounts {
-            inodes: inodes.len(),
+            inodes: t.len(),
             ..StoreCounts::default()
         };
-        for i in inodes.values() {
-            match i.handle {
-                Handle::Link => c.links += 1,
-                Handle::Dir(_) => c.handles += 1,
-                Handle::Fd(_) => c.fds += 1,
+        for r in t.rare_parts() {
+            match r {
+                Rare::Dir(_) => c.handles += 1,
+                Rare::Fd(_) => c.fds += 1,
             }
         }
+        // What has no rare part is held by its link.
+        c.links = c.inodes - c.handles - c.fds;
         c
     }
 }
 
 impl Drop for InodeStore {
     fn drop(&mut self) {
-        for inode in self
-            .inodes
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .values()
-        {
-            self.unlink(inode);
+        let t = read(&self.table);
+        for (id, (_, ino)) in t.plain() {
+            self.unlink(ino, id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+    use std::path::PathBuf;
+
+    use super::*;
+
+    fn open_dir(p: &Path) -> OwnedFd {
+        let c = CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+        sys::open_abs(&c, libc::O_PATH | libc::O_DIRECTORY).unwrap()
+    }
+
+    fn lookup(s: &InodeStore, parent: &Inode, name: &str) -> Result<Inode, StoreError> {
+        let c = CString::new(name).unwrap();
+        s.lookup(parent, Name::new(&c).unwrap()).map(|(i, _)| i)
+    }
+
+    fn read_all(fd: OwnedFd) -> String {
+        let mut text = String::new();
+        std::fs::File::from(fd).read_to_string(&mut text).unwrap();
+        text
+    }
+
+    fn entries(p: &Path) -> usize {
+        std::fs::read_dir(p).unwrap().count()
+    }
+
+    /// A share and a workdir, on the same file system unless `share_in` says where the share
+    /// goes.
+    fn setup(share_in: Option<&str>) -> (Vec<tempfile::TempDir>, PathBuf, PathBuf) {
+        let t = tempfile::tempdir().unwrap();
+        let work = t.path().join("work");
+        let (share, mut dirs) = match share_in {
+            Some(at) => {
+                let s = tempfile::tempdir_in(at).unwrap();
+                (s.path().to_owned(), vec![s])
+            }
+            None => {
+                let share = t.path().join("share");
+                std::fs::create_dir(&share).unwrap();
+                (share, Vec::new())
+            }
+        };
+        dirs.push(t);
+        (dirs, share, work)
+    }
+
+    #[test]
+    fn a_forgotten_node_is_unknown_after_its_slot_is_reused() {
+        let (_t, share, work) = setup(None);
+        std::fs::write(share.join("a"), b"a").unwrap();
+        std::fs::write(share.join("b"), b"b").unwrap();
+        let s = InodeStore::new(&work, open_dir(&share)).unwrap();
+        let root = s.get(ROOT_ID).unwrap();
+        assert_eq!((root.id, root.is_dir), (ROOT_ID, true));
+        let a = lookup(&s, &root, "a").unwrap();
+        s.forget(a.id, 1);
+        let b = lookup(&s, &root, "b").unwrap();
+        assert_eq!(b.id as u32, a.id as u32, "b took a's slot");
+        assert_ne!(b.id, a.id, "under another generation");
+        assert!(matches!(s.get(a.id), Err(StoreError::UnknownNode(_))));
+        assert_eq!(sys::Errno::from(s.get(a.id).unwrap_err()).0, libc::ENOENT);
+        // A forget of the stale id (a guest that got it wrong) leaves b alone.
+        s.forget(a.id, 1);
+        assert_eq!((b.lookups(), s.counts().inodes), (1, 2));
+        assert_eq!(
+            read_all(s.open(&s.get(b.id).unwrap(), libc::O_RDONLY).unwrap()),
+            "b"
+        );
+        // Looking `a` up again makes a new node: the old id stays unknown.
+        let a2 = lookup(&s, &root, "a").unwrap();
+        assert!(a2.id != a.id && s.get(a.id).is_err());
+        assert_eq!(entries(&work), 2);
+    }
+
+    #[test]
+    fn a_copy_of_a_forgotten_inode_never_reaches_the_next_inode_of_its_slot() {
+        // Linked (same file system) and fd-held (the share on tmpfs).
+        for share_in in [None, Some("/dev/shm")] {
+            let (_t, share, work) = setup(share_in);
+            std::fs::write(share.join("old"), b"old").unwrap();
+            std::fs::write(share.join("new"), b"new").unwrap();
+            let s = InodeStore::new(&work, open_dir(&share)).unwrap();
+            let root = s.get(ROOT_ID).unwrap();
+            let old = lookup(&s, &root, "old").unwrap();
+            let linked = matches!(old.handle, Handle::Link);
+            assert_eq!(linked, share_in.is_none());
+            // Another thread forgets it while this one still uses its copy.
+            std::thread::scope(|t| {
+                t.spawn(|| s.forget(old.id, 1));
+            });
+            let new = lookup(&s, &root, "new").unwrap();
+            assert_eq!(new.id as u32, old.id as u32);
+            assert_eq!(old.lookups(), 0);
+            match s.open(&old, libc::O_RDONLY) {
+                // The copy's own fd: still the old inode.
+                Ok(fd) => {
+                    assert!(!linked);
+                    assert_eq!(read_all(fd), "old");
+                }
+                // Its link is gone: a clean error, not the slot's new inode.
+                Err(e) => {
+                    assert!(linked);
+                    assert_eq!(e.raw_os_error(), Some(libc::ENOENT));
+                }
+            }
+            if linked {
+                assert_eq!(s.stat(&old).unwrap_err().raw_os_error(), Some(libc::ENOENT));
+            }
+            assert_eq!(read_all(s.open(&new, libc::O_RDONLY).unwrap()), "new");
+            assert_eq!(entries(&work), usize::from(linked));
+        }
+    }
+
+    #[test]
+    fn lookups_and_forgets_racing_on_the_same_names_leave_nothing_behind() {
+        let (_t, share, work) = setup(None);
+        let names: Vec<String> = (0..8).map(|i| format!("f{i}")).collect();
+        for n in &names {
+            std::fs::write(share.join(n), n).unwrap();
+        }
+        std::fs::create_dir(share.join("d")).unwrap();
+        let s = InodeStore::new(&work, open_dir(&share)).unwrap();
+        let root = s.get(ROOT_ID).unwrap();
+        std::thread::scope(|t| {
+            for k in 0..4 {
+                let (s, root, names, share) = (&s, &root, &names, &share);
+                t.spawn(move || {
+                    for round in 0..3000 {
+                        let name = if round % 5 == 0 {
+                            "d"
+                        } else {
+                            &names[(round + k) % names.len()]
+                        };
+                        let i = lookup(s, root, name).unwrap();
+                        // Whatever raced with it, the node is the inode behind the name.
+                        let st = s.stat(&i).unwrap();
+                        let host = std::fs::symlink_metadata(share.join(name)).unwrap();
+                        assert_eq!(st.st_ino, std::os::unix::fs::MetadataExt::ino(&host));
+                        if name != "d" {
+                            assert_eq!(read_all(s.open(&i, libc::O_RDONLY).unwrap()), name);
+                        }
+                        s.forget(i.id, 1);
+                    }
+                });
+            }
+        });
+        assert_eq!(
+            s.counts(),
+            StoreCounts {
+                inodes: 1,
+                links: 0,
+                handles: 0,
+                fds: 1
+            }
+        );
+        assert_eq!(entries(&work), 0, "every link removed");
+    }
+
+    #[test]
+    fn counts_clear_and_the_table_bytes_per_held_inode() {
+        let (_t, share, work) = setup(None);
+        let n = 20_000;
+        for i in 0..n {
+            std::fs::write(share.join(format!("f{i}")), b"").unwrap();
+        }
+        std::fs::create_dir(share.join("d")).unwrap();
+        let s = InodeStore::new(&work, open_dir(&share)).unwrap();
+        let root = s.get(ROOT_ID).unwrap();
+        let empty = s.table_bytes();
+        for i in 0..n {
+            lookup(&s, &root, &format!("f{i}")).unwrap();
+        }
+        let d = lookup(&s, &root, "d").unwrap();
+        let c = s.counts();
+        assert_eq!((c.inodes, c.links, c.handles + c.fds), (n + 2, n, 2));
+        assert_eq!(c.handles, usize::from(matches!(d.handle, Handle::Dir(_))));
+        let per = (s.table_bytes() - empty) as f64 / n as f64;
+        eprintln!("inode store: {per:.1} table bytes per held inode at {n}");
+        // The bound for the daemon's whole RSS per inode.
+        assert!(per < 160.0, "{per} bytes per inode");
+        s.clear();
+        assert_eq!((s.counts().inodes, entries(&work)), (1, 0));
+        assert!(s.get(ROOT_ID).is_ok() && s.get(d.id).is_err());
     }
 }

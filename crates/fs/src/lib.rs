@@ -6,7 +6,8 @@
 //! - [`sys`]: every system call, in thin wrappers; the [`sys::Name`] type that the name check
 //!   alone can build;
 //! - [`guest_io`]: READ and WRITE data moved by the kernel between files and guest memory;
-//! - [`inode_store`]: the inode table (workdir links, fd fallbacks);
+//! - [`inode_store`]: the inodes the guest holds (workdir links, fd fallbacks);
+//! - [`inode_table`]: their compact table (fixed-size records, node ids with generations);
 //! - [`passthrough`]: the file system operations on the shared directory (no path leaves it);
 //! - [`sandbox`]: the process confinement (namespaces, `pivot_root`, capabilities, seccomp);
 //! - [`server`]: FUSE dispatch: INIT negotiation, one request in, one reply out;
@@ -16,6 +17,7 @@ pub mod abi;
 pub mod device;
 pub mod guest_io;
 pub mod inode_store;
+pub mod inode_table;
 pub mod passthrough;
 pub mod request;
 pub mod sandbox;

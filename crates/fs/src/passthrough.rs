@@ -255,7 +255,7 @@ impl Passthrough {
         self.store.clear();
     }
 
-    fn inode(&self, id: u64) -> Res<Arc<Inode>> {
+    fn inode(&self, id: u64) -> Res<Inode> {
         Ok(self.store.get(id)?)
     }
 
@@ -319,7 +319,7 @@ impl Passthrough {
         Ok(name)
     }
 
-    fn dir(&self, id: u64) -> Res<Arc<Inode>> {
+    fn dir(&self, id: u64) -> Res<Inode> {
         let i = self.inode(id)?;
         if !i.is_dir {
             return err(libc::ENOTDIR);
