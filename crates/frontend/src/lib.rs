@@ -12,7 +12,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::Path;
-use std::sync::atomic::{fence, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{
@@ -162,6 +162,9 @@ impl Desc {
     }
 }
 
+/// Completions collected from a used ring: `(head, used length)`.
+pub type Used = Vec<(u16, u32)>;
+
 /// A split virtqueue in guest memory, driven from the driver side.
 pub struct Queue {
     pub index: usize,
@@ -176,6 +179,12 @@ pub struct Queue {
     next_avail: u16,
     last_used: u16,
     event_idx: bool,
+    /// The available index at the last [`Queue::publish`]: with EVENT_IDX a kick is owed only
+    /// when the device's available event lies between it and the new one.
+    published: AtomicU16,
+    /// Kick at the next publish whatever the device's available event says: the device is new
+    /// (a reconnection) and has not written one yet, as QEMU kicks every queue it starts.
+    kick_next: AtomicBool,
 }
 
 impl Queue {
@@ -194,6 +203,8 @@ impl Queue {
             next_avail: 0,
             last_used: 0,
             event_idx,
+            published: AtomicU16::new(0),
+            kick_next: AtomicBool::new(true),
         };
         Ok(q)
     }
@@ -300,10 +311,36 @@ impl Queue {
             .expect("used idx inside guest memory")
     }
 
-    /// Makes every chain added so far visible to the device and kicks it.
+    /// Makes every chain added so far visible to the device and kicks it if it asked to be
+    /// (with EVENT_IDX: its available event lies in what this publish added, Linux's
+    /// `virtqueue_kick_prepare`), else always.
     pub fn publish(&self, mem: &GuestMem) {
         self.publish_silently(mem);
-        let _ = self.kick.write(1);
+        let old = self.published.swap(self.next_avail, Ordering::Relaxed);
+        // The index store above before the event load below (the driver's virtio_mb).
+        fence(Ordering::SeqCst);
+        let forced = self.kick_next.swap(false, Ordering::Relaxed);
+        if forced || !self.event_idx || need_event(self.avail_event(mem), self.next_avail, old) {
+            let _ = self.kick.write(1);
+        }
+    }
+
+    /// The available index the device asked to be kicked after (EVENT_IDX).
+    fn avail_event(&self, mem: &GuestMem) -> u16 {
+        let at = self.used + 4 + 8 * u64::from(self.size);
+        mem.mmap
+            .load(GuestAddress(at), Ordering::Acquire)
+            .expect("avail event inside guest memory")
+    }
+
+    /// Asks for an interrupt at the next used entry beyond what we have collected.
+    fn arm_used_event(&self, mem: &GuestMem) {
+        if self.event_idx {
+            let at = self.avail + 4 + 2 * u64::from(self.size);
+            mem.write(at, &self.last_used.to_le_bytes());
+            // The event store before the used index is read again (virtqueue_enable_cb).
+            fence(Ordering::SeqCst);
+        }
     }
 
     /// Makes every chain added so far visible without kicking: a driver whose kick the
@@ -357,6 +394,13 @@ impl Queue {
                 events: libc::POLLIN,
                 revents: 0,
             };
+            // Before sleeping, as a driver re-enables its callback: an interrupt for what comes
+            // next, else a device honouring EVENT_IDX would have no reason to send one.
+            self.arm_used_event(mem);
+            out.extend(self.poll_used(mem));
+            if out.len() >= n {
+                break;
+            }
             let ms = left.as_millis().clamp(1, 100) as libc::c_int;
             // SAFETY: one valid pollfd.
             unsafe { libc::poll(&mut pfd, 1, ms) };
@@ -365,6 +409,50 @@ impl Queue {
         }
         out
     }
+    /// Waits for the device's next interrupt as a driver that trusts EVENT_IDX does (re-arms
+    /// its used event, then sleeps on the call eventfd without looking at the used ring until
+    /// woken), and collects the completions. `Err` holds what the used ring had when `timeout`
+    /// passed without an interrupt: empty if the device had nothing to say (a lost kick, if
+    /// requests were waiting), not empty if it used entries without the interrupt asked for.
+    pub fn wait_interrupt(
+        &mut self,
+        mem: &GuestMem,
+        timeout: Duration,
+    ) -> std::result::Result<Used, Used> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let found = self.poll_used(mem);
+            if !found.is_empty() {
+                return Ok(found);
+            }
+            self.arm_used_event(mem);
+            let found = self.poll_used(mem);
+            if !found.is_empty() {
+                return Ok(found);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(self.poll_used(mem));
+            }
+            let mut pfd = libc::pollfd {
+                fd: self.call.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = left.as_millis().max(1).min(i32::MAX as u128) as libc::c_int;
+            // SAFETY: one valid pollfd.
+            if unsafe { libc::poll(&mut pfd, 1, ms) } == 0 {
+                return Err(self.poll_used(mem));
+            }
+            let _ = self.call.read();
+        }
+    }
+}
+
+/// Whether a notification is owed for an index moving from `old` to `new` past `event`
+/// (the virtio spec's `vring_need_event`).
+pub fn need_event(event: u16, new: u16, old: u16) -> bool {
+    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
 }
 
 /// How to set a device up.
@@ -549,6 +637,7 @@ impl Frontend {
             .ok_or_else(|| Error::Protocol("not connected".into()))?;
         for q in &self.queues {
             let i = q.index;
+            q.kick_next.store(true, Ordering::Relaxed);
             let base = match resume {
                 Resume::UsedIndex => q.guest_used_idx(&self.mem),
                 Resume::AvailIndex => q.next_avail,
@@ -593,5 +682,22 @@ impl Frontend {
     /// Stops queue `i` (GET_VRING_BASE) and returns the device's next avail index.
     pub fn stop_queue(&mut self, i: usize) -> Result<u32> {
         Ok(self.fe()?.get_vring_base(i)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::need_event;
+
+    #[test]
+    fn a_kick_is_owed_only_when_the_event_lies_in_what_was_added() {
+        // The device asked for a kick after index 5 (it has taken 0..=5 and will look for 6).
+        assert!(need_event(5, 6, 5));
+        assert!(need_event(5, 9, 3));
+        assert!(!need_event(5, 9, 6), "already kicked past the event");
+        assert!(!need_event(5, 5, 5), "nothing added");
+        // Across the wrap of the 16-bit index.
+        assert!(need_event(u16::MAX, 2, u16::MAX));
+        assert!(!need_event(u16::MAX, 2, 0));
     }
 }

@@ -9,6 +9,8 @@
 //! - [`chain`]: a descriptor chain split into device-readable and device-writable segments, and
 //!   copies between them and host buffers, without assuming any layout;
 //! - [`queue`]: reading the available ring; a corrupt one stops its queue;
+//! - [`pacing`]: when a queue worker looks at an empty ring before sleeping, and when it
+//!   signals completions;
 //! - [`faults`]: guest-caused faults, counted by kind and logged once each;
 //! - [`inflight`]: the vhost-user inflight region (`VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`);
 //! - [`interpose`]: answers the inflight messages the framework cannot, and forwards the rest.
@@ -18,6 +20,7 @@ pub mod faults;
 pub mod inflight;
 pub mod interpose;
 pub mod listen;
+pub mod pacing;
 pub mod queue;
 pub mod server;
 pub mod shell;

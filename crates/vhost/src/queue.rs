@@ -19,7 +19,8 @@ pub fn to_io(e: virtio_queue::Error) -> io::Error {
 /// Whether a queue can be read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Ring {
-    Usable,
+    /// Ready, with this many chains available that we have not taken.
+    Usable(u16),
     /// Not set up, stopped by the frontend, or stopped by us earlier.
     NotReady,
     /// Found corrupt just now and stopped: the label says how (for fault counting).
@@ -39,7 +40,7 @@ pub fn ring_usable(vring: &VringRwLock, mem: &GuestMemoryMmap) -> Ring {
         .avail_idx(mem, Ordering::Acquire)
         .map(|idx| (idx - Wrapping(q.next_avail())).0);
     match ahead {
-        Ok(n) if n <= q.size() => Ring::Usable,
+        Ok(n) if n <= q.size() => Ring::Usable(n),
         Ok(n) => {
             tracing::error!(
                 ahead = n,
@@ -67,4 +68,15 @@ pub fn pop(vring: &VringRwLock, mem: &GuestMemoryLoadGuard<GuestMemoryMmap>) -> 
         return None;
     }
     q.pop_descriptor_chain(mem.clone())
+}
+
+/// Whether the queue is ready and the driver has made a chain available that we have not
+/// taken: a cheap look (no lock but the ring's, no chain read) for a worker deciding to sleep.
+pub fn has_avail(vring: &VringRwLock, mem: &GuestMemoryMmap) -> bool {
+    let state = vring.get_ref();
+    let q = state.get_queue();
+    q.ready()
+        && q
+            .avail_idx(mem, Ordering::Acquire)
+            .is_ok_and(|idx| idx.0 != q.next_avail())
 }

@@ -15,7 +15,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
@@ -30,6 +30,7 @@ use vmm_sys_util::event::{
 use crate::faults::Faults;
 use crate::inflight::{self, InflightError, Info, Region};
 use crate::interpose::Intercept;
+use crate::pacing::Pacing;
 use crate::queue::{self, Chain, Ring};
 
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;
@@ -91,6 +92,11 @@ struct QueueCtl {
     draining: AtomicBool,
     /// A completion was made during a drain and left its guest notification to it.
     deferred: AtomicBool,
+    /// Completions made during this round of the drain signal the guest themselves (if it
+    /// asked) instead of leaving it to the end of the round: see [`Pacing`].
+    early: AtomicBool,
+    /// The worker's own state; only the queue's worker thread takes it.
+    worker: Mutex<Worker>,
     /// The queue (re)started: its first drain interrupts the guest whatever EVENT_IDX says. A
     /// daemon killed between publishing completions and signalling them left the guest waiting
     /// for an interrupt that never came; with nothing else in flight it would wait for good.
@@ -103,6 +109,14 @@ struct QueueCtl {
     recover: AtomicBool,
     /// The fetch order given to the next head marked in the inflight region.
     counter: AtomicU64,
+}
+
+/// What a queue's worker keeps between its drains.
+#[derive(Default)]
+struct Worker {
+    pacing: Pacing,
+    /// When the worker began its last look at the empty ring before it went to sleep.
+    idle_since: Option<Instant>,
 }
 
 /// The shared part of the shell: what [`Completion`]s and the stopper reach.
@@ -237,7 +251,7 @@ impl Completion {
         ctl.inflight.fetch_sub(1, Ordering::SeqCst);
         // Marked before looking, so a drain that ends after our look still sees the mark.
         ctl.deferred.store(true, Ordering::SeqCst);
-        if !ctl.draining.load(Ordering::SeqCst) {
+        if !ctl.draining.load(Ordering::SeqCst) || ctl.early.load(Ordering::Relaxed) {
             signal(&self.vring);
         }
     }
@@ -360,9 +374,14 @@ impl<D: Device> Shell<D> {
             return Ok(());
         };
         let ctl = &self.queues.queues[usize::from(index)];
+        let mut worker = ctl.worker.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(since) = worker.idle_since.take() {
+            worker.pacing.woke(since.elapsed());
+        }
         ctl.draining.store(true, Ordering::SeqCst);
-        let r = self.drain_rounds(index, ctl, vring, &mem);
+        let r = self.drain_rounds(index, ctl, &mut worker, vring, &mem);
         ctl.draining.store(false, Ordering::SeqCst);
+        ctl.early.store(false, Ordering::Relaxed);
         if ctl.restarted.swap(false, Ordering::SeqCst) {
             self.dev
                 .queue_started(index, vring.get_ref().get_queue().size());
@@ -381,6 +400,7 @@ impl<D: Device> Shell<D> {
         &self,
         index: u16,
         ctl: &QueueCtl,
+        worker: &mut Worker,
         vring: &VringRwLock,
         mem: &Mem,
     ) -> io::Result<()> {
@@ -393,17 +413,25 @@ impl<D: Device> Shell<D> {
             }
             let region = self.region();
             let tracked = region.as_ref().and_then(|r| r.queue(index).ok());
-            match queue::ring_usable(vring, &guest) {
-                Ring::Usable => {}
+            let available = match queue::ring_usable(vring, &guest) {
+                Ring::Usable(n) => n,
                 Ring::NotReady => return Ok(()),
                 Ring::Corrupt(fault) => {
                     self.dev.faults().record(fault);
                     return Ok(());
                 }
-            }
+            };
             if event_idx {
                 vring.disable_notification().map_err(queue::to_io)?;
             }
+            // Early signals only with EVENT_IDX, where the driver says which completion it
+            // waits for (without it every completion would interrupt the guest), and only for
+            // a round of more than one chain (for one, the round's end is as early): a round of
+            // one costs no preemption count either.
+            let batch = event_idx && available > 1;
+            let early = batch && worker.pacing.early_signals();
+            ctl.early.store(early, Ordering::Relaxed);
+            let preempted_before = early.then(preemptions);
             while !stopping() {
                 let Some(chain) = queue::pop(vring, &guest) else {
                     break;
@@ -431,13 +459,67 @@ impl<D: Device> Shell<D> {
             // This signal covers every completion so far, this thread's and others'.
             ctl.deferred.store(false, Ordering::SeqCst);
             signal(vring);
+            if batch {
+                worker
+                    .pacing
+                    .round(preempted_before.is_some_and(|n| preemptions() > n));
+            }
             // Stopping: leave notifications as they are; the next frontend starts the queue
             // afresh.
-            if stopping() || !event_idx || !vring.enable_notification().map_err(queue::to_io)? {
+            if stopping() || !event_idx {
+                return Ok(());
+            }
+            let looked = Instant::now();
+            if self.look(worker, vring, &guest, looked) {
+                continue;
+            }
+            if !vring.enable_notification().map_err(queue::to_io)? {
+                worker.idle_since = Some(looked);
                 return Ok(());
             }
         }
     }
+
+    /// Looks at the empty ring for the worker's window before it sleeps; true if a request
+    /// came. Notifications stay off meanwhile: the driver's kicks are not needed (with
+    /// EVENT_IDX the available event still names the index it passed long ago).
+    fn look(
+        &self,
+        worker: &mut Worker,
+        vring: &VringRwLock,
+        guest: &GuestMemoryMmap,
+        start: Instant,
+    ) -> bool {
+        let window = worker.pacing.window();
+        if window.is_zero() {
+            return false;
+        }
+        loop {
+            if self.queues.stopping.load(Ordering::SeqCst) {
+                return false;
+            }
+            if queue::has_avail(vring, guest) {
+                worker.pacing.found();
+                return true;
+            }
+            if start.elapsed() >= window {
+                worker.pacing.missed();
+                return false;
+            }
+            // The driver may be waiting for this very CPU.
+            std::thread::yield_now();
+        }
+    }
+}
+
+/// This thread's involuntary context switches so far: how often it was preempted.
+fn preemptions() -> libc::c_long {
+    // SAFETY: `rusage` is plain integers, for which all-zero bytes are a valid value.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes one `rusage` into the struct we own; RUSAGE_THREAD is valid on
+    // every kernel vsnap runs on (2.6.26 and later). On failure the struct stays zero.
+    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
+    ru.ru_nivcsw
 }
 
 impl<D: Device> Shell<D> {
