@@ -76,7 +76,6 @@ pub fn has_avail(vring: &VringRwLock, mem: &GuestMemoryMmap) -> bool {
     let state = vring.get_ref();
     let q = state.get_queue();
     q.ready()
-        && q
-            .avail_idx(mem, Ordering::Acquire)
+        && q.avail_idx(mem, Ordering::Acquire)
             .is_ok_and(|idx| idx.0 != q.next_avail())
 }
