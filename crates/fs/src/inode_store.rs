@@ -513,8 +513,9 @@ impl InodeStore {
     /// The lookup of a name whose inode the guest already holds, pinned (by a link, an fd or a
     /// cached directory fd): one `fstatat`, no fd opened. The inode behind the name when it was
     /// stat'ed carries the key of a pinned inode, and a pinned inode's number is not reused, so
-    /// it is that inode. `None`: not such an inode, the caller opens the name and adopts it.
-    /// A name that does not exist fails here, with the `fstatat`'s error.
+    /// it is that inode. A directory held by handle alone is confirmed by the name's handle
+    /// (one more call, still no fd). `None`: not such an inode, the caller opens the name and
+    /// adopts it. A name that does not exist fails here, with the `fstatat`'s error.
     fn lookup_known(
         &self,
         dir: BorrowedFd<'_>,
@@ -529,9 +530,19 @@ impl InodeStore {
         let Some(inode) = self.find(key) else {
             return Ok(None);
         };
-        let pinned = match inode.handle {
+        let pinned = match &inode.handle {
             Handle::Link | Handle::Fd(_) => true,
-            Handle::Dir(_) => self.dir_fds().get(inode.id).is_some(),
+            // Not pinned: its number may belong to a new directory by now. The handle carries
+            // the inode's generation, so the name's handle matching ours says it is the same
+            // one, without opening it (a walk deeper than the fd cache meets this at every
+            // level).
+            Handle::Dir(h) => {
+                self.dir_fds().get(inode.id).is_some()
+                    || self.dir_handles.as_ref().is_some_and(|(_, root_mnt)| {
+                        sys::name_to_handle_at(dir, name)
+                            .is_ok_and(|(now, mnt)| mnt == *root_mnt && now == **h)
+                    })
+            }
         };
         if !pinned || inode.kind != st.st_mode & libc::S_IFMT {
             return Ok(None);

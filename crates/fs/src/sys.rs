@@ -493,20 +493,34 @@ struct RawHandle {
 
 /// The handle and mount id of the inode behind `fd`.
 pub fn name_to_handle(fd: BorrowedFd<'_>) -> io::Result<(FileHandle, i32)> {
+    handle_at(fd, c"", libc::AT_EMPTY_PATH)
+}
+
+/// The file handle and mount id of `name` in `dir`, without opening it (a symlink is not
+/// followed: it has a handle of its own).
+pub fn name_to_handle_at(dir: BorrowedFd<'_>, name: Name<'_>) -> io::Result<(FileHandle, i32)> {
+    handle_at(dir, name.as_c_str(), 0)
+}
+
+fn handle_at(
+    dir: BorrowedFd<'_>,
+    path: &CStr,
+    flags: libc::c_int,
+) -> io::Result<(FileHandle, i32)> {
     let mut h = RawHandle {
         bytes: MAX_HANDLE_SZ as u32,
         typ: 0,
         data: [0; MAX_HANDLE_SZ],
     };
     let mut mnt = 0;
-    // SAFETY: valid fd, empty C string, a buffer of MAX_HANDLE_SZ bytes as declared.
+    // SAFETY: valid fd, a NUL-terminated C string, a buffer of MAX_HANDLE_SZ bytes as declared.
     cvt(unsafe {
         libc::name_to_handle_at(
-            fd.as_raw_fd(),
-            c"".as_ptr(),
+            dir.as_raw_fd(),
+            path.as_ptr(),
             (&raw mut h).cast(),
             &mut mnt,
-            libc::AT_EMPTY_PATH,
+            flags,
         )
     })?;
     let n = (h.bytes as usize).min(MAX_HANDLE_SZ);

@@ -370,6 +370,45 @@ fn a_reused_inode_number_is_a_new_node() {
 }
 
 #[test]
+fn a_directory_under_a_reused_number_is_a_new_node_when_the_old_one_is_uncached() {
+    if !is_root() {
+        eprintln!("skipped: directories are held by handle only as root");
+        return;
+    }
+    // As above, but the newcomer is a directory too: only the file handle (which carries the
+    // inode's generation) tells the two apart, as the lookup of an uncached directory checks.
+    let (_t, share, work) = setup();
+    let s = InodeStore::new(&work, open_dir(&share)).unwrap();
+    let root = s.get(ROOT_ID).unwrap();
+    let mut reused = 0;
+    for i in 0..50 {
+        let d = share.join(format!("d{i}"));
+        std::fs::create_dir(&d).unwrap();
+        let (dir, st) = s.lookup(&root, cname(&format!("d{i}"))).unwrap();
+        for k in 0..DIR_FDS {
+            std::fs::create_dir(share.join(format!("e{i}-{k}"))).unwrap();
+            s.lookup(&root, cname(&format!("e{i}-{k}"))).unwrap();
+        }
+        std::fs::remove_dir(&d).unwrap();
+        std::fs::create_dir(&d).unwrap();
+        let (new, nst) = s.lookup(&root, cname(&format!("d{i}"))).unwrap();
+        if nst.st_ino == st.st_ino {
+            reused += 1;
+        }
+        assert_ne!(
+            new.id, dir.id,
+            "a new directory took the deleted one's node"
+        );
+        s.forget(dir.id, 1);
+        s.forget(new.id, 1);
+    }
+    assert!(
+        reused > 0,
+        "the file system never reused an inode number: the test proved nothing"
+    );
+}
+
+#[test]
 fn directories_held_by_handle_keep_at_most_the_cache_open() {
     if !is_root() {
         eprintln!("skipped: directories are held by handle only as root");

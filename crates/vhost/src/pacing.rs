@@ -16,7 +16,10 @@
 //!   of looks that found nothing closes it. Each run of fruitless looks doubles how many
 //!   wake-ups pass before the window may open again (up to [`COOLDOWN_MAX`]); a look that finds
 //!   work resets that. The CPU a look can waste is so bounded: at most [`MISSES`] windows per
-//!   back-off, and back-offs grow while looks keep failing.
+//!   back-off, and back-offs grow while looks keep failing. A look yields the CPU between
+//!   glances; a yield that comes back late ([`CONTENDED`]) means other threads want this CPU,
+//!   and a look then only competes with them (the driver among them): it ends as a miss that
+//!   closes the window at once.
 //! - **Early signals**: on by default; a round during which the worker was preempted
 //!   (involuntary context switches of its thread) turns them off for a number of rounds that
 //!   doubles while trial rounds keep being preempted (from [`BATCH_MIN`] to [`BATCH_MAX`]), and
@@ -31,6 +34,8 @@ pub const LOOK_MAX: Duration = Duration::from_micros(32);
 /// A sleep shorter than this is one a look might have caught: it includes the wake-up, which
 /// on an idle vCPU can take longer than the request took to arrive (KVM's halt-polling bound).
 pub const SHORT_SLEEP: Duration = Duration::from_micros(200);
+/// A yield during a look that took longer than this ran another thread: the CPU is contended.
+pub const CONTENDED: Duration = Duration::from_micros(10);
 /// Fruitless looks in a row that close the window.
 pub const MISSES: u32 = 2;
 /// The longest back-off, in wake-ups.
@@ -105,6 +110,13 @@ impl Pacing {
             self.cooldown = self.penalty;
             self.penalty = (self.penalty * 2).min(COOLDOWN_MAX);
         }
+    }
+
+    /// A look was cut short because other threads wanted the CPU: close the window and back
+    /// off, as after a run of misses.
+    pub fn contended(&mut self) {
+        self.misses = MISSES - 1;
+        self.missed();
     }
 
     /// Whether this round signals each completion the driver asked for as it is made.
@@ -196,6 +208,19 @@ mod tests {
         }
         // Under 1 µs per request on average (the worst case without back-off: 32 µs).
         assert!(wasted < Duration::from_millis(100), "{wasted:?}");
+    }
+
+    #[test]
+    fn a_contended_look_closes_the_window_at_once_and_backs_off() {
+        let mut p = Pacing::default();
+        p.woke(SHORT);
+        assert!(!p.window().is_zero());
+        p.contended();
+        assert!(p.window().is_zero());
+        p.woke(SHORT);
+        assert!(p.window().is_zero(), "backing off");
+        p.woke(SHORT);
+        assert!(!p.window().is_zero());
     }
 
     #[test]

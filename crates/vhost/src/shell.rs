@@ -30,7 +30,7 @@ use vmm_sys_util::event::{
 use crate::faults::Faults;
 use crate::inflight::{self, InflightError, Info, Region};
 use crate::interpose::Intercept;
-use crate::pacing::Pacing;
+use crate::pacing::{self, Pacing};
 use crate::queue::{self, Chain, Ring};
 
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;
@@ -506,8 +506,14 @@ impl<D: Device> Shell<D> {
                 worker.pacing.missed();
                 return false;
             }
-            // The driver may be waiting for this very CPU.
+            // The driver may be waiting for this very CPU; if anyone else ran meanwhile, the
+            // CPU is wanted and sleeping serves them better than looking.
+            let before = Instant::now();
             std::thread::yield_now();
+            if before.elapsed() > pacing::CONTENDED {
+                worker.pacing.contended();
+                return false;
+            }
         }
     }
 }
