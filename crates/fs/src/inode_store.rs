@@ -166,9 +166,11 @@ impl AsFd for PathFd<'_> {
 }
 
 /// How many directories held by file handle keep an open `O_PATH` fd ([`DirFds`]): enough for
-/// the directories of a path walk in progress, few enough that holding a tree still costs a
-/// handful of fds (the guest tests hold 20,000 inodes on fewer than 64).
-pub const DIR_FDS: usize = 16;
+/// the directories of a path walk 64 levels deep (a walk deeper than the cache misses it at
+/// every level, being least recently used, and pays `open_by_handle_at` each time), few enough
+/// that holding a tree still costs a bounded handful of fds (the guest tests hold 20,000
+/// inodes on fewer than 128).
+pub const DIR_FDS: usize = 64;
 
 /// `O_PATH` fds of the directories held by file handle that were used last, at most
 /// [`DIR_FDS`]: a lookup in, or a getattr of, a cached directory opens nothing
