@@ -71,16 +71,27 @@ for cond in conditions:
         for k in ["read_4k", "write_4k", "read_128k", "write_128k"]:
             rows.append((f"{k.replace('_', ' ')}, µs wall / CPU (cs)", [cost(ops[l]["io"][k]) for l in cols]))
         table(f"**{cond}** (other work: up to {bg(ops.values()):.1f} cores): one request at a time", cols, rows)
-hold = runs.get(("quiet", "hold"), {})
-if hold:
+def per_inode(r):
+    return f"{(r['rss_kib_holding'] - r['rss_kib_idle']) * 1024 / max(r['held_inodes'], 1):.0f}"
+
+
+def kernel(r):
+    k = r.get("kernel_slab_bytes_per_inode")
+    return "n/a" if k is None else f"{k:.0f}"
+
+
+holds = sorted((p for c, p in runs if c == "quiet" and p.startswith("hold")),
+               key=lambda p: int("".join(ch for ch in p if ch.isdigit()) or 0))
+for phase in holds:
+    hold = runs[("quiet", phase)]
     cols = [l for l in labels if l in hold]
-    def per_inode(r):
-        return f"{(r['rss_kib_holding'] - r['rss_kib_idle']) * 1024 / max(r['held_inodes'], 1):.0f}"
     rows = [
         ("inodes held", [f"{hold[l]['held_inodes']}" + (f" ({hold[l]['lookup_error']})" if hold[l].get("lookup_error") else "") for l in cols]),
         ("fds holding them (idle)", [f"{hold[l]['fds_holding']} ({hold[l]['fds_idle']})" for l in cols]),
         ("RSS MiB holding them (idle)", [f"{hold[l]['rss_kib_holding'] / 1024:.1f} ({hold[l]['rss_kib_idle'] / 1024:.1f})" for l in cols]),
         ("RSS bytes per held inode", [per_inode(hold[l]) for l in cols]),
+        ("kernel slab bytes per held inode (machine-wide growth)", [kernel(hold[l]) for l in cols]),
         ("first lookup, µs wall / CPU", [f"{hold[l]['first_lookup']['wall_us']} / {hold[l]['first_lookup']['cpu_us']}" for l in cols]),
     ]
-    table("**Holding inodes** (quiet)", cols, rows)
+    size = phase.split("-", 1)[1] if "-" in phase else ""
+    table(f"**Holding {size} inodes** (quiet)", cols, rows)

@@ -6,15 +6,19 @@
 #        daemon CPU and context switches per request);
 #   ops  one request at a time: GETATTR, path lookups by depth (fitted per component),
 #        create+release+unlink, reads and writes;
-#   hold (quiet only) fds and RSS while holding every file of many/ looked up.
+#   hold (quiet only) fds, RSS and kernel slab growth while holding 100k and 1M inodes looked up
+#        (as root the open-file limit is raised to fs.nr_open first, so that daemons holding an
+#        fd per inode get as far as the machine allows).
 # Prints Markdown tables; the JSON lines land in target/fsbench/results.jsonl.
 # Usage: bench/fs.sh [seconds per io case]. Environment: FS_BENCH_CONDITIONS ("quiet busy"),
-# FS_BENCH_DIRS x FS_BENCH_FILES (100 x 1000) files held.
+# FS_BENCH_HOLD: the hold sizes, in directories of FS_BENCH_FILES (1000) files ("100 1000").
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 secs=${1:-3}
 conditions=${FS_BENCH_CONDITIONS:-quiet busy}
-dirs=${FS_BENCH_DIRS:-100} files=${FS_BENCH_FILES:-1000}
+files=${FS_BENCH_FILES:-1000}
+hold_sizes=${FS_BENCH_HOLD:-100 1000}
+dirs=$(printf '%s\n' $hold_sizes | sort -n | tail -1)
 out="$repo/target/fsbench"
 mkdir -p "$out"
 (cd "$repo" && cargo build -q --release --bin vsnap && cargo build -q --release -p vsnap-frontend --bin vsnap-fsbench)
@@ -74,23 +78,33 @@ wait_quiet() {
   echo "fs bench: the machine did not get quiet; measuring anyway" >&2
 }
 
+# Before a hold: the kernel's reclaimable dentries and inodes dropped, then the tree walked from
+# the host, so each daemon starts from the same caches and the slab growth it causes is its own
+# (a struct file per fd, a dentry per workdir link), not the share's or a previous daemon's.
+prime_caches() {
+  [ "$(id -u)" = 0 ] || return 0
+  sync; echo 2 > /proc/sys/vm/drop_caches
+  python3 -c "import os,sys; [os.lstat(os.path.join(d, n)) for d, _, fs in os.walk(sys.argv[1]) for n in fs]" "$share/many"
+}
+
 run() { # CONDITION PHASE LABEL CMD...: one phase against a fresh daemon
-  local cond=$1 phase=$2 label=$3; shift 3
+  local cond=$1 phase=$2 label=$3 tag=${run_tag:-}; shift 3
   rm -f "$sock"
   wait_quiet
   if [ "$cond" = busy ]; then
     # A CPU-bound process the scheduler places as it likes, as an unrelated build would run.
     sh -c 'while :; do :; done' & busy_pid=$!
   fi
-  "$@" > "$out/$label-$cond-$phase.log" 2>&1 &
+  [ "$phase" != hold ] || prime_caches
+  "$@" > "$out/$label-$cond-$phase$tag.log" 2>&1 &
   local pid=$!
   for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.1; done
-  echo "fs bench: $label $cond $phase" >&2
+  echo "fs bench: $label $cond $phase$tag" >&2
   "$fsbench" --socket "$sock" --pid "$pid" --label "$label" --phase "$phase" --seconds "$secs" \
-    --dirs "$dirs" --files "$files" | python3 -c "
+    --dirs "${run_dirs:-$dirs}" --files "$files" | python3 -c "
 import json, sys
 for l in sys.stdin:
-    r = json.loads(l); r['condition'] = '$cond'; r['phase'] = '$phase'; print(json.dumps(r))
+    r = json.loads(l); r['condition'] = '$cond'; r['phase'] = '$phase$tag'; print(json.dumps(r))
 " >> "$results"
   kill -TERM "$pid" 2>/dev/null || true; wait "$pid" || true
   if [ -n "$busy_pid" ]; then kill "$busy_pid"; wait "$busy_pid" 2>/dev/null || true; busy_pid=; fi
@@ -99,6 +113,8 @@ for l in sys.stdin:
 daemon() { # LABEL: the command line serving $share on $sock, every daemon with --cache auto
   case $1 in
     vsnap) echo "$vsnap fs --socket-path $sock --shared-dir $share --sandbox none" ;;
+    # The same with looking at the empty ring turned off: what the look buys, and costs.
+    vsnap-nolook) echo "$vsnap fs --socket-path $sock --shared-dir $share --sandbox none --poll-max-us 0" ;;
     vsnap-fd) echo "$vsnap fs --socket-path $sock --shared-dir $share --sandbox none --inode-store fd" ;;
     virtiofsd) echo "$rust_vfsd --socket-path $sock --shared-dir $share --sandbox none --cache auto --inode-file-handles=never" ;;
     virtiofsd-handles) echo "$rust_vfsd --socket-path $sock --shared-dir $share --sandbox none --cache auto --inode-file-handles=prefer" ;;
@@ -107,13 +123,18 @@ daemon() { # LABEL: the command line serving $share on $sock, every daemon with 
   esac
 }
 
-for label in vsnap vsnap-fd virtiofsd virtiofsd-handles c-virtiofsd; do
-  # shellcheck disable=SC2046 # the command line is meant to split
-  run quiet hold "$label" $(daemon "$label")
+if [ "$(id -u)" = 0 ]; then
+  ulimit -Hn "$(cat /proc/sys/fs/nr_open)" && ulimit -Sn "$(cat /proc/sys/fs/nr_open)"
+fi
+for n in $hold_sizes; do
+  for label in vsnap vsnap-fd virtiofsd virtiofsd-handles c-virtiofsd; do
+    # shellcheck disable=SC2046 # the command line is meant to split
+    run_dirs=$n run_tag="-$((n * files / 1000))k" run quiet hold "$label" $(daemon "$label")
+  done
 done
 for cond in $conditions; do
   for phase in io ops; do
-    for label in vsnap virtiofsd c-virtiofsd; do
+    for label in vsnap vsnap-nolook virtiofsd c-virtiofsd; do
       # shellcheck disable=SC2046
       run "$cond" "$phase" "$label" $(daemon "$label")
     done

@@ -63,6 +63,12 @@ pub struct BlkArgs {
     /// warned about (docs/interop.md).
     #[arg(long, default_value_t = 128, value_parser = parse_queue_size)]
     queue_size: u16,
+    /// The longest a queue's worker keeps looking at its empty ring before it sleeps, in µs:
+    /// the look adapts between 0 and this and backs off when it finds nothing or the CPU is
+    /// contended (QEMU's `poll-max-ns`). 0: never look, sleep at once (least CPU, a wake-up per
+    /// idle gap).
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(0..=1000))]
+    poll_max_us: u64,
     /// Tracking block size in bytes (power of two, 512..1M); advertised to the guest as the
     /// physical block size and I/O granularity.
     #[arg(long, default_value_t = vsnap_block::DEFAULT_BLOCK_SIZE)]
@@ -238,6 +244,7 @@ fn run_on(
                 queue_size: a.queue_size,
                 serial,
                 logical_block_size: a.logical_block_size,
+                poll_max: std::time::Duration::from_micros(a.poll_max_us),
             },
         )
         // What the guest set and a reconnecting VMM will not set again.

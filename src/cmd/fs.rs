@@ -65,6 +65,12 @@ pub struct FsArgs {
     /// Threads serving requests; 0 serves them on the queue's own thread.
     #[arg(long, default_value_t = 0)]
     thread_pool_size: usize,
+    /// The longest a queue's worker keeps looking at its empty ring before it sleeps, in µs:
+    /// the look adapts between 0 and this and backs off when it finds nothing or the CPU is
+    /// contended (QEMU's `poll-max-ns`). 0: never look, sleep at once (least CPU, a wake-up per
+    /// idle gap).
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(0..=1000))]
+    poll_max_us: u64,
     /// How guest-held inodes are kept: `workdir` links (no fd per inode) or one fd each.
     #[arg(long, value_enum, default_value = "workdir")]
     inode_store: StoreArg,
@@ -350,6 +356,7 @@ pub fn run(a: FsArgs) -> anyhow::Result<()> {
             request_queues: a.num_request_queues,
             queue_size: a.queue_size,
             thread_pool_size: a.thread_pool_size,
+            poll_max: std::time::Duration::from_micros(a.poll_max_us),
         },
     )?);
     let stopper = super::stop_on_signals()?;

@@ -5,6 +5,7 @@
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_FLUSH};
@@ -30,6 +31,21 @@ pub struct BlkOptions {
     pub queue_size: u16,
     pub serial: String,
     pub logical_block_size: u32,
+    /// The longest a queue's worker looks at its empty ring before it sleeps
+    /// (`--poll-max-us`; vsnap_vhost::pacing).
+    pub poll_max: Duration,
+}
+
+impl Default for BlkOptions {
+    fn default() -> Self {
+        BlkOptions {
+            num_queues: 1,
+            queue_size: 128,
+            serial: String::new(),
+            logical_block_size: 512,
+            poll_max: vsnap_vhost::pacing::LOOK_MAX,
+        }
+    }
 }
 
 /// The largest split ring (virtio 1.3 §2.7).
@@ -127,6 +143,10 @@ impl Device for BlkBackend {
 
     fn max_queue_size(&self) -> usize {
         usize::from(MAX_QUEUE_SIZE.max(self.opts.queue_size))
+    }
+
+    fn poll_max(&self) -> Duration {
+        self.opts.poll_max
     }
 
     fn queue_started(&self, queue: u16, ring_size: u16) {

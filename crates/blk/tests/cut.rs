@@ -89,6 +89,7 @@ fn generations_hold_exactly_the_writes_completed_before_their_cut() {
             queue_size: 256,
             serial: "s".into(),
             logical_block_size: 512,
+            ..BlkOptions::default()
         },
     );
     let mut fe = dev.frontend(&Setup {

@@ -196,6 +196,7 @@ fn write_through_survives_a_daemon_restart() {
             queue_size: 64,
             serial: "s".into(),
             logical_block_size: 512,
+            ..BlkOptions::default()
         };
         let b = BlkBackend::new(disk.clone(), opts)
             .with_cache_mode_file(mode.clone())

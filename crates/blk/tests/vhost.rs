@@ -34,6 +34,7 @@ fn start(readonly: bool, queues: u16) -> Dev {
             queue_size: 256,
             serial: "vsnap-test-serial-0123456789".into(),
             logical_block_size: 512,
+            ..BlkOptions::default()
         },
     )
 }

@@ -6,6 +6,7 @@ use std::io;
 use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vm_memory::GuestMemoryMmap;
@@ -33,6 +34,9 @@ pub struct FsOptions {
     pub queue_size: u16,
     /// 0: requests run on the queue's worker thread.
     pub thread_pool_size: usize,
+    /// The longest a queue's worker looks at its empty ring before it sleeps
+    /// (`--poll-max-us`; vsnap_vhost::pacing).
+    pub poll_max: Duration,
 }
 
 impl Default for FsOptions {
@@ -42,6 +46,7 @@ impl Default for FsOptions {
             request_queues: 1,
             queue_size: 1024,
             thread_pool_size: 0,
+            poll_max: vsnap_vhost::pacing::LOOK_MAX,
         }
     }
 }
@@ -233,6 +238,10 @@ impl Device for FsBackend {
 
     fn num_queues(&self) -> usize {
         1 + usize::from(self.opts.request_queues)
+    }
+
+    fn poll_max(&self) -> Duration {
+        self.opts.poll_max
     }
 
     fn max_queue_size(&self) -> usize {

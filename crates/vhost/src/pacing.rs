@@ -47,6 +47,8 @@ pub const BATCH_MAX: u32 = 4096;
 /// One queue worker's pacing state. Only the worker's thread touches it.
 #[derive(Debug)]
 pub struct Pacing {
+    /// The longest window (the operator's `--poll-max-us`); zero: never look.
+    max: Duration,
     window: Duration,
     misses: u32,
     /// Wake-ups to pass before the window may open again.
@@ -61,7 +63,15 @@ pub struct Pacing {
 
 impl Default for Pacing {
     fn default() -> Self {
+        Pacing::new(LOOK_MAX)
+    }
+}
+
+impl Pacing {
+    /// Pacing whose looks last at most `max`.
+    pub fn new(max: Duration) -> Self {
         Pacing {
+            max,
             window: Duration::ZERO,
             misses: 0,
             cooldown: 0,
@@ -70,9 +80,7 @@ impl Default for Pacing {
             batch_period: BATCH_MIN,
         }
     }
-}
 
-impl Pacing {
     /// How long to look at the empty ring before sleeping.
     pub fn window(&self) -> Duration {
         self.window
@@ -91,7 +99,7 @@ impl Pacing {
             return;
         }
         if slept > self.window {
-            self.window = (self.window * 2).clamp(LOOK_MIN, LOOK_MAX);
+            self.window = (self.window * 2).clamp(LOOK_MIN.min(self.max), self.max);
         }
     }
 
@@ -155,6 +163,20 @@ mod tests {
         assert_eq!(p.window(), LOOK_MAX);
         p.woke(SHORT_SLEEP);
         assert_eq!(p.window(), Duration::ZERO);
+    }
+
+    #[test]
+    fn the_window_never_exceeds_the_operators_maximum_and_zero_turns_looking_off() {
+        let mut p = Pacing::new(Duration::from_micros(10));
+        for _ in 0..10 {
+            p.woke(SHORT);
+        }
+        assert_eq!(p.window(), Duration::from_micros(10));
+        let mut off = Pacing::new(Duration::ZERO);
+        for _ in 0..10 {
+            off.woke(SHORT);
+        }
+        assert_eq!(off.window(), Duration::ZERO);
     }
 
     #[test]

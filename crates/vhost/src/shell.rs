@@ -75,6 +75,11 @@ pub trait Device: Send + Sync + 'static {
     fn faults(&self) -> &Faults;
     /// The flag the shell keeps true exactly while a frontend is connected.
     fn connected_flag(&self) -> &AtomicBool;
+    /// The longest a queue worker looks at its empty ring before sleeping (see
+    /// [`crate::pacing`]); zero: it sleeps at once.
+    fn poll_max(&self) -> Duration {
+        pacing::LOOK_MAX
+    }
     /// Queue `queue` started on a ring of `ring_size` descriptors (the size the VMM set).
     fn queue_started(&self, _queue: u16, _ring_size: u16) {}
     /// The frontend left and its requests are finished: drop per-connection state. What the
@@ -312,12 +317,19 @@ impl<D: Device> Shell<D> {
                     .map(|(consumer, notifier)| ExitEvent { consumer, notifier })
             })
             .collect::<io::Result<_>>()?;
+        let queues = Arc::new(Queues::new(n));
+        for q in &queues.queues {
+            q.worker
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .pacing = Pacing::new(dev.poll_max());
+        }
         Ok(Shell {
             dev,
             mem: RwLock::new(None),
             inflight: RwLock::new(None),
             event_idx: AtomicBool::new(false),
-            queues: Arc::new(Queues::new(n)),
+            queues,
             exits,
         })
     }

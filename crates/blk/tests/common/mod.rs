@@ -41,6 +41,7 @@ impl Dev {
                 queue_size: 256,
                 serial: "vsnap-lifecycle".into(),
                 logical_block_size: 512,
+                ..BlkOptions::default()
             },
         )
     }

@@ -1,9 +1,9 @@
 //! vsnap-fsbench: drives any vhost-user-fs backend (vsnap fs, virtiofsd) over its socket as a
 //! guest's virtiofs driver would and reports per-operation round trips, the backend's CPU time
-//! and context switches per operation, fds and RSS. Phases: `hold` (fds and RSS holding many
-//! inodes), `ops` (one request at a time: getattr, path lookups, create/unlink, reads and
+//! and context switches per operation, fds and RSS. Phases: `hold` (fds, RSS and the kernel
+//! slab growth holding many inodes), `ops` (one request at a time: getattr, path lookups, create/unlink, reads and
 //! writes) and `io` (reads and writes with 1 and 16 requests in flight, for a fixed time). The
-//! shared dir must hold the tree bench/fs.sh makes: many/dN/fM (100 x 1,000 files),
+//! shared dir must hold the tree bench/fs.sh makes: many/dN/fM (`--dirs` x `--files`),
 //! deep/c1/.../c63, data.bin (64 MiB).
 
 use std::collections::HashMap;
@@ -14,8 +14,8 @@ use clap::Parser;
 use serde_json::{json, Value};
 use vsnap_frontend::fs::{in_header, op as fuse_op, Fuse, IN_HEADER_LEN, OUT_HEADER_LEN};
 use vsnap_frontend::procstat::{
-    cpu_seconds, machine_busy_seconds, open_fds, rss_kib, switches_since, thread_switches,
-    ThreadSwitches,
+    cpu_seconds, machine_busy_seconds, open_fds, rss_kib, slab_bytes, switches_since,
+    thread_switches, ThreadSwitches,
 };
 use vsnap_frontend::Desc;
 
@@ -172,6 +172,7 @@ fn hold(f: &mut Fuse, a: &Args) -> Result<(), String> {
     let pid = a.pid;
     let fds0 = open_fds(pid);
     let rss0 = rss_kib(pid);
+    let slab0 = slab_bytes();
 
     // Look up every file of many/ and hold them, as a guest's dentry cache does.
     let many = f
@@ -210,6 +211,9 @@ fn hold(f: &mut Fuse, a: &Args) -> Result<(), String> {
         "cpu_us": r2((cpu_seconds(pid).unwrap_or(0.0) - c0) * 1e6 / lookups as f64),
     });
     let (fds1, rss1) = (open_fds(pid), rss_kib(pid));
+    let kernel_per_inode = slab0
+        .zip(slab_bytes())
+        .map(|(a, b)| r2(b.saturating_sub(a) as f64 / lookups.max(1) as f64));
     f.batch_forget(&held);
     let report = json!({
         "label": a.label,
@@ -219,6 +223,7 @@ fn hold(f: &mut Fuse, a: &Args) -> Result<(), String> {
         "fds_holding": fds1,
         "rss_kib_idle": rss0,
         "rss_kib_holding": rss1,
+        "kernel_slab_bytes_per_inode": kernel_per_inode,
         "first_lookup": first_lookup,
     });
     println!("{report}");
