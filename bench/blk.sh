@@ -15,7 +15,7 @@ mkdir -p "$(dirname "$out")"
 (cd "$repo" && cargo build -q --release --bin vsnap && cargo build -q --release -p vsnap-frontend --bin vsnap-loadgen)
 load="$repo/target/release/vsnap-loadgen"
 work=$(mktemp -d -p /dev/shm)
-labels=(vsnap qsd-raw qsd-qcow2-overlay)
+labels=(vsnap vsnap-nolook qsd-raw qsd-qcow2-overlay)
 declare -A pid=()
 cleanup() {
   local p
@@ -36,11 +36,13 @@ points=(
   "write 1048576 4 1 1G 1"
 )
 
-# vsnap on the base with a fresh layer.
-start_vsnap() {
-  "$repo/target/release/vsnap" blk --socket-path "$work/vsnap.sock" --base "$work/base.img" \
-    --state-dir "$work/state" --num-queues 2 2>"$work/vsnap.log" &
-  pid[vsnap]=$!
+# vsnap on the base with a fresh layer; vsnap-nolook the same with --poll-max-us 0 (its queue
+# workers never look at an empty ring before sleeping: what the look costs and buys).
+start_vsnap() { # label [args]
+  local label=$1; shift
+  "$repo/target/release/vsnap" blk --socket-path "$work/$label.sock" --base "$work/base.img" \
+    --state-dir "$work/state-$label" --num-queues 2 "$@" 2>"$work/$label.log" &
+  pid[$label]=$!
 }
 # qemu-storage-daemon twice: on a raw copy of the image (fully allocated: writes overwrite), and
 # on a qcow2 overlay over the base, which is vsnap's design (base + writable layer) in QEMU terms.
@@ -52,7 +54,8 @@ start_qsd() { # label blockdev
 }
 cp --sparse=always "$work/base.img" "$work/qsd.img"
 qemu-img create -q -f qcow2 -b "$work/base.img" -F raw "$work/overlay.qcow2"
-start_vsnap
+start_vsnap vsnap
+start_vsnap vsnap-nolook --poll-max-us 0
 start_qsd qsd-raw "driver=file,filename=$work/qsd.img,node-name=disk,discard=unmap,cache.direct=off"
 start_qsd qsd-qcow2-overlay "driver=qcow2,node-name=disk,discard=unmap,file.driver=file,file.filename=$work/overlay.qcow2,file.cache.direct=off"
 for label in "${labels[@]}"; do
@@ -88,7 +91,7 @@ print()
 print("| workload | backend | IOPS | MiB/s | p50 µs | p99 µs | backend CPU µs/IO | IOPS per backend CPU-second |")
 print("|---|---|---:|---:|---:|---:|---:|---:|")
 for (rw, bs, qd, q, span), d in by.items():
-    for label in ("vsnap",) + peers:
+    for label in ("vsnap", "vsnap-nolook") + peers:
         r = d.get(label)
         if not r: continue
         cpu = r["backend_cpu_us_per_io"]
@@ -97,13 +100,14 @@ for (rw, bs, qd, q, span), d in by.items():
         note = "" if span >= 1 << 30 else f" (overwrite, {span >> 20}M)"
         print(f"| {rw} {size} QD{qd} {q}q{note} | {label} | {r['iops']:.0f} | {r['mib_s']:.0f} | {r['lat_p50_us']:.0f} | {r['lat_p99_us']:.0f} | {cpu:.1f} | {per_cpu:.0f} |")
 print()
-print("4k QD32, 1 queue: vsnap's IOPS per backend CPU-second over each peer's (backend CPU µs per I/O, peer / vsnap)")
-for rw, span, note in (("randread", 1 << 30, ""), ("randwrite", 1 << 30, " (fresh layer)"), ("randwrite", 256 << 20, " (overwrite)")):
-    d = by.get((rw, 4096, 32, 1, span), {})
-    v = d.get("vsnap")
-    if not v: continue
-    ratios = [f"{d[p]['backend_cpu_us_per_io'] / v['backend_cpu_us_per_io']:.1f}x {p}" for p in peers if p in d]
-    print(f"  {rw}{note}: " + ", ".join(ratios))
+for mine in ("vsnap", "vsnap-nolook"):
+    print(f"4k QD32, 1 queue: {mine}'s IOPS per backend CPU-second over each peer's (backend CPU µs per I/O, peer / {mine})")
+    for rw, span, note in (("randread", 1 << 30, ""), ("randwrite", 1 << 30, " (fresh layer)"), ("randwrite", 256 << 20, " (overwrite)")):
+        d = by.get((rw, 4096, 32, 1, span), {})
+        v = d.get(mine)
+        if not v: continue
+        ratios = [f"{d[p]['backend_cpu_us_per_io'] / v['backend_cpu_us_per_io']:.1f}x {p}" for p in peers if p in d]
+        print(f"  {rw}{note}: " + ", ".join(ratios))
 loads = [r["loadavg_1m"] for r in rows]
 print(f"1-minute load average at the recorded passes: {min(loads):.2f} to {max(loads):.2f} (2 cores)")
 PY

@@ -665,7 +665,11 @@ impl InodeStore {
 
     fn link(&self, fd: &OwnedFd, ino: u64, id: u64) -> io::Result<()> {
         let name = link_file_name(ino, id);
-        InodeAt::proc(fd.as_fd()).link_to(self.workdir.as_fd(), Self::link_component(&name))
+        sys::link_fd(
+            fd.as_fd(),
+            self.workdir.as_fd(),
+            Self::link_component(&name),
+        )
     }
 
     fn mount_fd(&self) -> io::Result<BorrowedFd<'_>> {

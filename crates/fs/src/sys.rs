@@ -15,6 +15,7 @@ use std::ffi::{CStr, CString};
 use std::io;
 use std::marker::PhantomData;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 /// An errno for a FUSE reply. `?` turns an [`io::Error`] into one.
@@ -216,6 +217,42 @@ impl<'a> InodeAt<'a> {
         })
         .map(drop)
     }
+}
+
+/// Whether `linkat(fd, "", .., AT_EMPTY_PATH)` was refused for want of CAP_DAC_READ_SEARCH:
+/// then every link goes through `/proc/self/fd`.
+static EMPTY_PATH_REFUSED: AtomicBool = AtomicBool::new(false);
+
+/// Links the inode `fd` refers to (an `O_PATH` fd) as `name` in `dir`. With CAP_DAC_READ_SEARCH
+/// (vsnap as root keeps it) this is `AT_EMPTY_PATH` on the fd itself: a third of the CPU of the
+/// same link through the fd's `/proc/self/fd` entry, whose lookup dominates the call (3 against
+/// 10 µs measured). Without it the kernel answers ENOENT, and the `/proc` path, which needs no
+/// capability, is used from then on.
+pub fn link_fd(fd: BorrowedFd<'_>, dir: BorrowedFd<'_>, name: Name<'_>) -> io::Result<()> {
+    if !EMPTY_PATH_REFUSED.load(Ordering::Relaxed) {
+        // SAFETY: valid fds and C strings.
+        let r = cvt(unsafe {
+            libc::linkat(
+                fd.as_raw_fd(),
+                c"".as_ptr(),
+                dir.as_raw_fd(),
+                name.0.as_ptr(),
+                libc::AT_EMPTY_PATH,
+            )
+        });
+        match r {
+            Ok(_) => return Ok(()),
+            // ENOENT is also a file deleted meanwhile: only a `/proc` link that then works
+            // says the capability is missing.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                InodeAt::proc(fd).link_to(dir, name)?;
+                EMPTY_PATH_REFUSED.store(true, Ordering::Relaxed);
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    InodeAt::proc(fd).link_to(dir, name)
 }
 
 // ---- opening ------------------------------------------------------------------------------
