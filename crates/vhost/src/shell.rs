@@ -506,6 +506,7 @@ impl<D: Device> Shell<D> {
         if window.is_zero() {
             return false;
         }
+        let mut yielded_long = false;
         loop {
             if self.queues.stopping.load(Ordering::SeqCst) {
                 return false;
@@ -518,14 +519,16 @@ impl<D: Device> Shell<D> {
                 worker.pacing.missed();
                 return false;
             }
-            // The driver may be waiting for this very CPU; if anyone else ran meanwhile, the
-            // CPU is wanted and sleeping serves them better than looking.
-            let before = Instant::now();
-            std::thread::yield_now();
-            if before.elapsed() > pacing::CONTENDED {
+            // Someone else ran during the last yield and brought no request: the CPU is wanted,
+            // and sleeping serves them better than looking. (A driver sharing this CPU that
+            // submitted meanwhile was found just above.)
+            if yielded_long {
                 worker.pacing.contended();
                 return false;
             }
+            let before = Instant::now();
+            std::thread::yield_now();
+            yielded_long = before.elapsed() > pacing::CONTENDED;
         }
     }
 }
