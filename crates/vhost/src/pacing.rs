@@ -13,7 +13,7 @@
 //! - **Look** (adaptive polling, QEMU's `poll-max-ns` rule, with a back-off): the window starts
 //!   at zero and grows (×2, from [`LOOK_MIN`] to [`LOOK_MAX`]) while the worker's sleeps are
 //!   short, so a look could have caught what woke it; a long sleep (the queue idles) or a run
-//!   of looks that found nothing closes it. Each run of fruitless looks doubles how many
+//!   of looks of the widest window that found nothing closes it. Each run of fruitless looks doubles how many
 //!   wake-ups pass before the window may open again (up to [`COOLDOWN_MAX`]); a look that finds
 //!   work resets that. The CPU a look can waste is so bounded: at most [`MISSES`] windows per
 //!   back-off, and back-offs grow while looks keep failing. A look yields the CPU between
@@ -109,22 +109,31 @@ impl Pacing {
         self.penalty = 1;
     }
 
-    /// A look of the whole window found nothing; the worker goes to sleep.
+    /// A look of the whole window found nothing; the worker goes to sleep. While the window is
+    /// still growing a miss only says it is not yet wide enough (the next short sleep widens
+    /// it); misses of the widest window count towards closing it.
     pub fn missed(&mut self) {
+        if self.window < self.max {
+            return;
+        }
         self.misses += 1;
         if self.misses >= MISSES {
-            self.window = Duration::ZERO;
             self.misses = 0;
-            self.cooldown = self.penalty;
-            self.penalty = (self.penalty * 2).min(COOLDOWN_MAX);
+            self.close();
         }
     }
 
     /// A look was cut short because other threads wanted the CPU: close the window and back
     /// off, as after a run of misses.
     pub fn contended(&mut self) {
-        self.misses = MISSES - 1;
-        self.missed();
+        self.misses = 0;
+        self.close();
+    }
+
+    fn close(&mut self) {
+        self.window = Duration::ZERO;
+        self.cooldown = self.penalty;
+        self.penalty = (self.penalty * 2).min(COOLDOWN_MAX);
     }
 
     /// Whether this round signals each completion the driver asked for as it is made.
@@ -193,10 +202,13 @@ mod tests {
     fn fruitless_looks_back_off_longer_each_time_and_a_hit_forgives() {
         let mut p = Pacing::default();
         let mut closed_for = Vec::new();
-        for _ in 0..4 {
-            while p.window().is_zero() {
+        let widen = |p: &mut Pacing| {
+            while p.window() < LOOK_MAX {
                 p.woke(SHORT);
             }
+        };
+        for _ in 0..4 {
+            widen(&mut p);
             for _ in 0..MISSES {
                 p.missed();
             }
@@ -207,6 +219,7 @@ mod tests {
                 n += 1;
             }
             closed_for.push(n);
+            widen(&mut p);
             for _ in 0..MISSES {
                 p.missed();
             }
@@ -214,6 +227,21 @@ mod tests {
         assert!(closed_for.windows(2).all(|w| w[1] > w[0]), "{closed_for:?}");
         p.found();
         assert_eq!(p.penalty, 1);
+    }
+
+    #[test]
+    fn misses_while_the_window_grows_widen_it_instead_of_closing_it() {
+        // Requests come 25 µs after the ring empties: the narrow first windows miss, and the
+        // window must still reach the width that catches them.
+        let mut p = Pacing::default();
+        for _ in 0..10 {
+            if p.window() >= Duration::from_micros(25) {
+                break;
+            }
+            p.missed();
+            p.woke(Duration::from_micros(25));
+        }
+        assert!(p.window() >= Duration::from_micros(25), "{:?}", p.window());
     }
 
     #[test]
