@@ -506,7 +506,6 @@ impl<D: Device> Shell<D> {
         if window.is_zero() {
             return false;
         }
-        let mut yielded_long = false;
         loop {
             if self.queues.stopping.load(Ordering::SeqCst) {
                 return false;
@@ -519,16 +518,14 @@ impl<D: Device> Shell<D> {
                 worker.pacing.missed();
                 return false;
             }
-            // Someone else ran during the last yield and brought no request: the CPU is wanted,
-            // and sleeping serves them better than looking. (A driver sharing this CPU that
-            // submitted meanwhile was found just above.)
-            if yielded_long {
-                worker.pacing.contended();
-                return false;
-            }
             let before = Instant::now();
             std::thread::yield_now();
-            yielded_long = before.elapsed() > pacing::CONTENDED;
+            if before.elapsed() > pacing::CONTENDED {
+                // Another thread ran meanwhile: the CPU is wanted, and from now on sleeping
+                // serves it better than looking. What came meanwhile is still taken.
+                worker.pacing.contended();
+                return queue::has_avail(vring, guest);
+            }
         }
     }
 }
