@@ -16,10 +16,11 @@
 //!   of looks of the widest window that found nothing closes it. Each run of fruitless looks doubles how many
 //!   wake-ups pass before the window may open again (up to [`COOLDOWN_MAX`]); a look that finds
 //!   work resets that. The CPU a look can waste is so bounded: at most [`MISSES`] windows per
-//!   back-off, and back-offs grow while looks keep failing. A look yields the CPU between
-//!   glances; a yield that comes back late ([`CONTENDED`]) means other threads want this CPU,
-//!   and a look then only competes with them (the driver among them): it ends as a miss that
-//!   closes the window at once.
+//!   back-off, and back-offs grow while looks keep failing. A look spins between glances
+//!   without yielding (a yield would hand the CPU to a CPU-bound thread for a whole time
+//!   slice); a gap between two glances longer than [`CONTENDED`] means the thread was
+//!   preempted, so others want this CPU and a look only competes with them (the driver among
+//!   them): the window closes at once, with the same back-off.
 //! - **Early signals**: on by default; a round during which the worker was preempted
 //!   (involuntary context switches of its thread) turns them off for a number of rounds that
 //!   doubles while trial rounds keep being preempted (from [`BATCH_MIN`] to [`BATCH_MAX`]), and
@@ -34,7 +35,8 @@ pub const LOOK_MAX: Duration = Duration::from_micros(32);
 /// A sleep shorter than this is one a look might have caught: it includes the wake-up, which
 /// on an idle vCPU can take longer than the request took to arrive (KVM's halt-polling bound).
 pub const SHORT_SLEEP: Duration = Duration::from_micros(200);
-/// A yield during a look that took longer than this ran another thread: the CPU is contended.
+/// A gap this long between two glances of a look means the thread was preempted: the CPU is
+/// contended.
 pub const CONTENDED: Duration = Duration::from_micros(10);
 /// Fruitless looks in a row that close the window.
 pub const MISSES: u32 = 2;

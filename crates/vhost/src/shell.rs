@@ -506,6 +506,7 @@ impl<D: Device> Shell<D> {
         if window.is_zero() {
             return false;
         }
+        let mut last = start;
         loop {
             if self.queues.stopping.load(Ordering::SeqCst) {
                 return false;
@@ -514,17 +515,22 @@ impl<D: Device> Shell<D> {
                 worker.pacing.found();
                 return true;
             }
-            if start.elapsed() >= window {
+            let now = Instant::now();
+            if now.duration_since(last) > pacing::CONTENDED {
+                // The thread was preempted between two glances: the CPU is wanted, and
+                // looking only competes with whoever wants it (the driver among them).
+                worker.pacing.contended();
+                return false;
+            }
+            if now.duration_since(start) >= window {
                 worker.pacing.missed();
                 return false;
             }
-            let before = Instant::now();
-            std::thread::yield_now();
-            if before.elapsed() > pacing::CONTENDED {
-                // Another thread ran meanwhile: the CPU is wanted, and from now on sleeping
-                // serves it better than looking. What came meanwhile is still taken.
-                worker.pacing.contended();
-                return queue::has_avail(vring, guest);
+            last = now;
+            // No yield: a yield hands the CPU to any runnable thread, a CPU-bound one keeps it
+            // for a whole time slice, and the request that comes meanwhile waits for it.
+            for _ in 0..64 {
+                std::hint::spin_loop();
             }
         }
     }
