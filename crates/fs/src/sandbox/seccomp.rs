@@ -48,9 +48,9 @@ const ALLOWED: &[libc::c_long] = calls![
     // struct seccomp cannot read; glibc uses it whenever the kernel has it (Linux 5.3+). The
     // thread start-up and exit of glibc and Rust std: robust futex list, rseq, the alternate
     // signal stack for stack-overflow reports, the affinity read of pthread_getattr_np.
-    // sched_yield: spin-then-yield loops (signal-hook's registry when handlers change, the
-    // queue worker's look at an empty ring); getrusage: the worker's own preemption count
-    // (vsnap_vhost::pacing), a read of this thread's counters.
+    // sched_yield: spin-then-yield loops (signal-hook's registry when handlers change);
+    // getrusage: a queue worker's own preemption count (vsnap_vhost::pacing), a read of this
+    // thread's counters.
     SYS_clone3,
     SYS_futex,
     SYS_set_robust_list,
