@@ -11,11 +11,11 @@
 //! the woken driver preempt the worker, and a look steals CPU from someone else.
 //!
 //! - **Look** (adaptive polling, QEMU's `poll-max-ns` rule, with a back-off): the window starts
-//!   at zero and grows (×2, from [`LOOK_MIN`] to [`LOOK_MAX`]) while the worker's sleeps are
-//!   short, so a look could have caught what woke it; a long sleep (the queue idles) or a run
-//!   of looks of the widest window that found nothing closes it. Each run of fruitless looks doubles how many
-//!   wake-ups pass before the window may open again (up to [`COOLDOWN_MAX`]); a look that finds
-//!   work resets that. The CPU a look can waste is so bounded: at most [`MISSES`] windows per
+//!   at zero and grows (×2, from [`LOOK_MIN`] to the operator's maximum, [`LOOK_MAX`] by
+//!   default) while the worker's sleeps are short, so a look could have caught what woke it; a
+//!   long sleep (the queue idles) or a run of looks of the widest window that found nothing
+//!   closes it. Each run of fruitless looks doubles how many wake-ups pass before the window
+//!   may open again (up to [`COOLDOWN_MAX`]); a look that finds work resets that. The CPU a look can waste is so bounded: at most [`MISSES`] windows per
 //!   back-off, and back-offs grow while looks keep failing. A look spins between glances
 //!   without yielding (a yield would hand the CPU to a CPU-bound thread for a whole time
 //!   slice); a gap between two glances longer than [`CONTENDED`] means the thread was
