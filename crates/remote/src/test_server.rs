@@ -30,26 +30,71 @@ impl S3 {
             "{} missing: run tests/s3/deps.sh (make deps does)",
             bin.display()
         );
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let child = Command::new(&bin)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("moto_server starts");
-        let s3 = S3 {
-            child,
-            endpoint: format!("http://127.0.0.1:{port}"),
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "moto_server did not listen");
-            std::thread::sleep(Duration::from_millis(50));
+        // The port is free when picked but may be taken before moto binds it (another test
+        // starting its own server): a moto that exits at once is started again on another.
+        for _ in 0..5 {
+            let port = TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free port")
+                .port();
+            let child = Command::new(&bin)
+                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("moto_server starts");
+            let mut s3 = S3 {
+                child,
+                endpoint: format!("http://127.0.0.1:{port}"),
+            };
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if s3.child.try_wait().ok().flatten().is_some() {
+                    break; // exited: the port was taken
+                }
+                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    // Listening, and the listener is ours (still running after the connect).
+                    std::thread::sleep(Duration::from_millis(20));
+                    if s3.child.try_wait().ok().flatten().is_none() {
+                        return s3;
+                    }
+                    break;
+                }
+                assert!(Instant::now() < deadline, "moto_server did not listen");
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
-        s3
+        panic!("moto_server exited at start five times");
+    }
+
+    /// Creates `bucket` (a plain S3 `PUT /bucket`; moto does not check signatures). A server
+    /// that just started listening may still reset the first connections: retried for 10 s.
+    pub fn create_bucket(&self, bucket: &str) {
+        let addr = self.endpoint.trim_start_matches("http://");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match Self::put(addr, bucket) {
+                Ok(reply) => {
+                    assert!(reply.starts_with("HTTP/1.1 200"), "create bucket: {reply}");
+                    return;
+                }
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "create bucket: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    }
+
+    fn put(addr: &str, bucket: &str) -> std::io::Result<String> {
+        let mut s = TcpStream::connect(addr)?;
+        write!(
+            s,
+            "PUT /{bucket} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut reply = String::new();
+        s.read_to_string(&mut reply)?;
+        Ok(reply)
     }
 
     /// The environment that points the AWS store at this server.
@@ -61,20 +106,6 @@ impl S3 {
             ("AWS_SECRET_ACCESS_KEY", "vsnap-test".into()),
             ("AWS_REGION", "us-east-1".into()),
         ]
-    }
-
-    /// Creates `bucket` (a plain S3 `PUT /bucket`; moto does not check signatures).
-    pub fn create_bucket(&self, bucket: &str) {
-        let addr = self.endpoint.trim_start_matches("http://");
-        let mut s = TcpStream::connect(addr).expect("moto reachable");
-        write!(
-            s,
-            "PUT /{bucket} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut reply = String::new();
-        s.read_to_string(&mut reply).unwrap();
-        assert!(reply.starts_with("HTTP/1.1 200"), "create bucket: {reply}");
     }
 }
 
