@@ -15,23 +15,12 @@ use std::time::{Duration, Instant};
 
 use common::Dev;
 use vsnap_frontend::blk::{place, Bufs, Layout, Placed, T_OUT};
+use vsnap_frontend::Rng;
 
 const DEPTH: usize = 16;
 const LEN: u32 = 4096;
 /// Far longer than any pause below: a wait this long is a lost notification.
 const HANG: Duration = Duration::from_secs(5);
-
-/// xorshift64: the same pauses on every run.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
 
 /// A pause before the driver refills: none, a few µs, around the look window, well past it.
 fn pause(rng: &mut Rng) {

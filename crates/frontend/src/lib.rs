@@ -162,6 +162,20 @@ impl Desc {
     }
 }
 
+/// xorshift64: the same sequence for the same (non-zero) seed, so a benchmark or a test that
+/// picks offsets or pauses with it can be repeated.
+pub struct Rng(pub u64);
+
+impl Rng {
+    #[allow(clippy::should_implement_trait)] // not an iterator: it never ends
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
 /// Completions collected from a used ring: `(head, used length)`.
 pub type Used = Vec<(u16, u32)>;
 
@@ -389,11 +403,6 @@ impl Queue {
             if left.is_zero() {
                 break;
             }
-            let mut pfd = libc::pollfd {
-                fd: self.call.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
             // Before sleeping, as a driver re-enables its callback: an interrupt for what comes
             // next, else a device honouring EVENT_IDX would have no reason to send one.
             self.arm_used_event(mem);
@@ -401,10 +410,7 @@ impl Queue {
             if out.len() >= n {
                 break;
             }
-            let ms = left.as_millis().clamp(1, 100) as libc::c_int;
-            // SAFETY: one valid pollfd.
-            unsafe { libc::poll(&mut pfd, 1, ms) };
-            let _ = self.call.read();
+            self.sleep_on_call(left.min(Duration::from_millis(100)));
             out.extend(self.poll_used(mem));
         }
         out
@@ -434,18 +440,25 @@ impl Queue {
             if left.is_zero() {
                 return Err(self.poll_used(mem));
             }
-            let mut pfd = libc::pollfd {
-                fd: self.call.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            let ms = left.as_millis().max(1).min(i32::MAX as u128) as libc::c_int;
-            // SAFETY: one valid pollfd.
-            if unsafe { libc::poll(&mut pfd, 1, ms) } == 0 {
+            if !self.sleep_on_call(left) {
                 return Err(self.poll_used(mem));
             }
-            let _ = self.call.read();
         }
+    }
+
+    /// Sleeps until the device signals the call eventfd (consumed) or `timeout` (at least
+    /// 1 ms) passes; false only if the timeout passed (an interrupted sleep counts as a wake).
+    fn sleep_on_call(&self, timeout: Duration) -> bool {
+        let mut pfd = libc::pollfd {
+            fd: self.call.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = timeout.as_millis().clamp(1, i32::MAX as u128) as libc::c_int;
+        // SAFETY: one valid pollfd.
+        let woken = unsafe { libc::poll(&mut pfd, 1, ms) } != 0;
+        let _ = self.call.read();
+        woken
     }
 }
 

@@ -6,7 +6,7 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use vsnap_fs::inode_store::{Handle, InodeStore, StoreMode, DIR_FDS, ROOT_ID};
+use vsnap_fs::inode_store::{Handle, Inode, InodeStore, StoreMode, DIR_FDS, ROOT_ID};
 use vsnap_fs::sys::Name;
 
 fn open_dir(p: &Path) -> OwnedFd {
@@ -327,6 +327,25 @@ fn a_planted_workdir_is_refused_and_left_untouched() {
 /// together, one's allocations take the number the other freed.
 static REUSE: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// Makes directory `d{i}` of `share` a node of `s` that nothing but its file handle holds: looked
+/// up, then pushed out of the store's directory fd cache (a directory just looked up keeps an fd
+/// there, which pins it) by looking up as many others.
+fn held_by_handle_only(
+    s: &InodeStore,
+    root: &Inode,
+    share: &Path,
+    i: usize,
+) -> (Inode, libc::stat) {
+    std::fs::create_dir(share.join(format!("d{i}"))).unwrap();
+    let (dir, st) = s.lookup(root, cname(&format!("d{i}"))).unwrap();
+    assert!(matches!(dir.handle, Handle::Dir(_)));
+    for k in 0..DIR_FDS {
+        std::fs::create_dir(share.join(format!("e{i}-{k}"))).unwrap();
+        s.lookup(root, cname(&format!("e{i}-{k}"))).unwrap();
+    }
+    (dir, st)
+}
+
 #[test]
 fn a_reused_inode_number_is_a_new_node() {
     if !is_root() {
@@ -341,17 +360,8 @@ fn a_reused_inode_number_is_a_new_node() {
     let root = s.get(ROOT_ID).unwrap();
     let mut reused = 0;
     for i in 0..50 {
-        let d = share.join(format!("d{i}"));
-        std::fs::create_dir(&d).unwrap();
-        let (dir, st) = s.lookup(&root, cname(&format!("d{i}"))).unwrap();
-        assert!(matches!(dir.handle, Handle::Dir(_)));
-        // A directory just looked up keeps an fd in the store's cache, which pins it: look up
-        // enough others to push it out, so that nothing holds it but its handle.
-        for k in 0..DIR_FDS {
-            std::fs::create_dir(share.join(format!("e{i}-{k}"))).unwrap();
-            s.lookup(&root, cname(&format!("e{i}-{k}"))).unwrap();
-        }
-        std::fs::remove_dir(&d).unwrap();
+        let (dir, st) = held_by_handle_only(&s, &root, &share, i);
+        std::fs::remove_dir(share.join(format!("d{i}"))).unwrap();
         // The next inode the file system hands out is very likely the one just freed.
         let f = share.join(format!("f{i}"));
         std::fs::write(&f, b"file").unwrap();
@@ -392,13 +402,8 @@ fn a_directory_under_a_reused_number_is_a_new_node_when_the_old_one_is_uncached(
     let root = s.get(ROOT_ID).unwrap();
     let mut reused = 0;
     for i in 0..50 {
+        let (dir, st) = held_by_handle_only(&s, &root, &share, i);
         let d = share.join(format!("d{i}"));
-        std::fs::create_dir(&d).unwrap();
-        let (dir, st) = s.lookup(&root, cname(&format!("d{i}"))).unwrap();
-        for k in 0..DIR_FDS {
-            std::fs::create_dir(share.join(format!("e{i}-{k}"))).unwrap();
-            s.lookup(&root, cname(&format!("e{i}-{k}"))).unwrap();
-        }
         std::fs::remove_dir(&d).unwrap();
         std::fs::create_dir(&d).unwrap();
         let (new, nst) = s.lookup(&root, cname(&format!("d{i}"))).unwrap();

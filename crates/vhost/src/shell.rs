@@ -132,9 +132,16 @@ pub(crate) struct Queues {
 }
 
 impl Queues {
-    fn new(n: usize) -> Self {
+    fn new(n: usize, poll_max: Duration) -> Self {
+        let ctl = || QueueCtl {
+            worker: Mutex::new(Worker {
+                pacing: Pacing::new(poll_max),
+                idle_since: None,
+            }),
+            ..QueueCtl::default()
+        };
         Queues {
-            queues: (0..n).map(|_| QueueCtl::default()).collect(),
+            queues: (0..n).map(|_| ctl()).collect(),
             stopping: AtomicBool::new(false),
         }
     }
@@ -317,13 +324,7 @@ impl<D: Device> Shell<D> {
                     .map(|(consumer, notifier)| ExitEvent { consumer, notifier })
             })
             .collect::<io::Result<_>>()?;
-        let queues = Arc::new(Queues::new(n));
-        for q in &queues.queues {
-            q.worker
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .pacing = Pacing::new(dev.poll_max());
-        }
+        let queues = Arc::new(Queues::new(n, dev.poll_max()));
         Ok(Shell {
             dev,
             mem: RwLock::new(None),

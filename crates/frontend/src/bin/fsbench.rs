@@ -17,7 +17,7 @@ use vsnap_frontend::procstat::{
     cpu_seconds, machine_busy_seconds, open_fds, rss_kib, slab_bytes, switches_since,
     thread_switches, ThreadSwitches,
 };
-use vsnap_frontend::Desc;
+use vsnap_frontend::{Desc, Rng};
 
 const ROOT: u64 = 1;
 
@@ -272,15 +272,11 @@ fn ops(f: &mut Fuse, a: &Args) -> Result<(), String> {
         .open(data, libc::O_RDWR as u32)
         .map_err(|e| format!("open: errno {e}"))?;
     let mut rw = serde_json::Map::new();
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let seed = 0x9e37_79b9_7f4a_7c15u64;
     for bs in [4096u32, 128 << 10] {
         let slots = (64u64 << 20) / u64::from(bs);
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed % slots) * u64::from(bs)
-        };
+        let mut rng = Rng(seed);
+        let mut next = move || (rng.next() % slots) * u64::from(bs);
         let n = if bs == 4096 { a.iters } else { a.iters / 8 };
         let r = measure(pid, n, |_| {
             let got = f.read(data, fh, next(), bs).expect("read");
@@ -348,13 +344,8 @@ fn io_case(
     } = c;
     let opcode = if write { fuse_op::WRITE } else { fuse_op::READ };
     let span = (64u64 << 20) / u64::from(bs);
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(bs) ^ u64::from(write);
-    let mut next_off = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        (seed % span) * u64::from(bs)
-    };
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15u64 ^ u64::from(bs) ^ u64::from(write));
+    let mut next_off = move || (rng.next() % span) * u64::from(bs);
     let payload: Vec<u8> = (0..bs).map(|i| (i as u8) | 1).collect();
     for s in &slots[..qd] {
         if write {

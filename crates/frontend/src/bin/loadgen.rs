@@ -10,7 +10,7 @@ use clap::{Parser, ValueEnum};
 use serde::Serialize;
 use vsnap_frontend::blk::{self, place, Bufs, Layout};
 use vsnap_frontend::procstat::cpu_seconds;
-use vsnap_frontend::{Frontend, GuestMem, Queue, Setup};
+use vsnap_frontend::{Frontend, GuestMem, Queue, Rng, Setup};
 
 #[derive(Clone, Copy, Debug, ValueEnum, Serialize, PartialEq)]
 #[serde(rename_all = "lowercase")]
@@ -67,16 +67,6 @@ struct Report {
     lat_p99_us: f64,
     backend_cpu_s: Option<f64>,
     backend_cpu_us_per_io: Option<f64>,
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
 }
 
 fn run_queue(
