@@ -30,6 +30,8 @@ pub struct DiffFile {
     tracker: Tracker,
     /// The data section as frames, in raw order (a version-1 chunk is a raw frame).
     frames: Vec<Frame>,
+    /// Some frame is a reference: reading needs the parent state.
+    references: bool,
     file_len: u64,
     cache: FrameCache,
 }
@@ -139,6 +141,7 @@ impl DiffFile {
             path: path.to_owned(),
             header,
             tracker,
+            references: frames.iter().any(|f| f.reference.is_some()),
             frames,
             file_len: actual,
             cache: FrameCache::default(),
@@ -189,7 +192,7 @@ impl DiffFile {
 
     /// True when some dirty blocks are references: reading them needs the parent state.
     pub fn has_references(&self) -> bool {
-        self.frames.iter().any(|f| f.reference.is_some())
+        self.references
     }
 
     /// Reads device bytes `[offset, offset + buf.len())`, all inside consecutive dirty blocks of

@@ -91,6 +91,11 @@ impl Disk {
             let dst = &mut buf[(s - offset) as usize..(e - offset) as usize];
             match src {
                 Src::Layer(i) => stack.layers[i].layer.read_stored(s, dst)?,
+                // The run is dirty in that diff: without references its stored bytes are the
+                // answer, with no walk down the chain.
+                Src::Chain(i) if !stack.chain[i].has_references() => {
+                    stack.chain[i].read_stored(s, dst)?
+                }
                 Src::Chain(i) => read_chain(
                     &stack.chain[i..],
                     &|o, b: &mut [u8]| self.read_base(o, b),
