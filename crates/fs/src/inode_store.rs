@@ -273,7 +273,8 @@ pub struct InodeStore {
     /// lookups (adopt, the lookup of a known inode, forget), across the system calls that
     /// decide it, so two lookups of one new inode make one node and a forget never runs between
     /// finding a node and counting the lookup. Taken before the table's lock and the dir fd
-    /// cache's.
+    /// cache's; those two are never held together but for the cache's lock taken first
+    /// (`path_fd`).
     keys: Mutex<()>,
     /// The inodes; its lock is held for memory work only, never across a system call. The
     /// [`Inode`] copies share it to read their lookup counts.
@@ -523,12 +524,19 @@ impl InodeStore {
         dir: BorrowedFd<'_>,
         name: Name<'_>,
     ) -> Result<Option<(Inode, libc::stat)>, StoreError> {
+        // Nothing pins the name's inode between the stat and the key lock: another queue may
+        // forget it and adopt a new inode under its reused number meanwhile. Adopting fills a
+        // record (under the key lock), so an unchanged fill count says that did not happen.
+        let fills = self.table().fills();
         let mut st = sys::fstatat(dir, name)?;
         let key = (st.st_dev, st.st_ino);
         if key == self.workdir_key {
             return Err(io::Error::from_raw_os_error(libc::ENOENT).into());
         }
         let keys = self.keys();
+        if self.table().fills() != fills {
+            return Ok(None);
+        }
         let Some(inode) = self.find(key) else {
             return Ok(None);
         };

@@ -155,6 +155,9 @@ pub struct Table<R> {
     devs: Vec<u64>,
     rare: std::collections::HashMap<u32, R>,
     live: usize,
+    /// Records filled so far: a caller that looked at the file system before taking its lock
+    /// can tell whether an inode was added meanwhile.
+    fills: u64,
 }
 
 impl<R> Default for Table<R> {
@@ -173,6 +176,7 @@ impl<R> Table<R> {
             devs: Vec::new(),
             rare: std::collections::HashMap::new(),
             live: 0,
+            fills: 0,
         }
     }
 
@@ -361,6 +365,11 @@ impl<R> Table<R> {
 impl<R: Clone> Table<R> {
     /// Makes `new` the reserved record and the one indexed under its key (an older record under
     /// the same key, whose number was reused, stays reachable by its id only). Returns a copy.
+    /// How many records were ever filled (see [`Table::fill`]).
+    pub fn fills(&self) -> u64 {
+        self.fills
+    }
+
     pub fn fill(&mut self, res: Reserved, new: NewRecord<R>) -> Entry<R> {
         let slot = res.slot;
         let r = &mut self.records[slot as usize];
@@ -380,6 +389,7 @@ impl<R: Clone> Table<R> {
             self.rare.insert(slot, rare);
         }
         self.live += 1;
+        self.fills += 1;
         let key = res.key;
         let hash = Self::hash(&self.hasher, key);
         let (records, devs, hasher) = (&self.records, &self.devs, &self.hasher);

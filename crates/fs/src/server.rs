@@ -63,11 +63,6 @@ fn reply(unique: u64, r: Res<Vec<u8>>) -> Vec<u8> {
     out
 }
 
-/// A reply carrying only `errno`, for the request `msg` (whose header must be whole).
-pub fn error_reply(msg: &[u8], errno: i32) -> Vec<u8> {
-    reply(InHeader::read_unique(msg), Err(Errno(errno)))
-}
-
 /// The header of a READ reply whose `read` bytes of data follow it (or of its error).
 pub fn read_reply_header(unique: u64, read: Res<usize>) -> OutHeader {
     let (len, error) = match read {
