@@ -67,9 +67,43 @@ impl Geometry {
     }
 }
 
+/// A read of `buf` at `offset` from something `end` bytes long (the device, or an image of
+/// another size) reads zeros past `end`: fills the part of `buf` at or past `end` with zeros and
+/// returns the part before it, which is what remains to be read (empty when `offset >= end`).
+pub(crate) fn zero_past_end(end: u64, offset: u64, buf: &mut [u8]) -> &mut [u8] {
+    let inside = end.saturating_sub(offset).min(buf.len() as u64) as usize;
+    buf[inside..].fill(0);
+    &mut buf[..inside]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_bytes_past_the_end_are_zeroed() {
+        // (offset, length, bytes left to read): inside, straddling, ending exactly at the end,
+        // starting exactly at it, past it, and empty reads inside and past.
+        for (offset, len, inside) in [
+            (0, 10, 10),
+            (95, 10, 5),
+            (90, 10, 10),
+            (100, 10, 0),
+            (150, 10, 0),
+            (u64::MAX, 10, 0),
+            (50, 0, 0),
+            (200, 0, 0),
+        ] {
+            let mut buf = vec![7u8; len];
+            let rest = zero_past_end(100, offset, &mut buf);
+            assert_eq!(rest.len(), inside, "offset {offset} len {len}");
+            assert!(rest.iter().all(|&b| b == 7), "bytes before the end touched");
+            assert!(
+                buf[inside..].iter().all(|&b| b == 0),
+                "bytes past the end kept"
+            );
+        }
+    }
 
     #[test]
     fn validation() {

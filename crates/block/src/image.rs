@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::error::{BlockError, IoContext, Result};
 use crate::fsutil::{self, AtomicFile};
+use crate::geometry::zero_past_end;
 use crate::job::Job;
 use crate::zero::is_zero;
 
@@ -169,10 +170,9 @@ pub fn compare(old: Option<&Path>, new: &Path, block_size: u64, job: &Job) -> Re
         let n = chunk.min(size - off) as usize;
         newf.read_exact_at(&mut b[..n], off)
             .ctx(|| format!("read {}", new.display()))?;
-        let from_old = old_size.saturating_sub(off).min(n as u64) as usize;
-        a[from_old..n].fill(0);
+        let from_old = zero_past_end(old_size, off, &mut a[..n]);
         if let Some(f) = &oldf {
-            f.read_exact_at(&mut a[..from_old], off)
+            f.read_exact_at(from_old, off)
                 .ctx(|| "read base image".to_string())?;
         }
         for (x, y) in a[..n]

@@ -56,7 +56,7 @@ impl Layer {
     }
 
     /// The layer's dirty blocks and their content hashes (parent dedupe's index, see
-    /// `crate::dedupe`), once an export has written it.
+    /// `crate::dedupe`), once an export of it or of a generation above it has written it.
     pub fn hashes_path(dir: &Path, stem: &str) -> PathBuf {
         dir.join(format!("{stem}.hashes"))
     }

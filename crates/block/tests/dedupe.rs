@@ -514,3 +514,35 @@ fn a_fold_merges_the_hash_lists_of_the_layers_it_folds() {
     .unwrap();
     assert_bytes(&std::fs::read(&out).unwrap(), &read_all(&d));
 }
+
+#[test]
+fn a_reference_to_the_short_last_block_applies_even_when_the_diff_overwrites_it() {
+    // The last block holds 1536 bytes; a block elsewhere copies them (zeros after): a
+    // reference to the last block, which the same generation then overwrites, so `apply`
+    // reads it back from its spool, short.
+    let f = Fixture::new(10 * BS as usize + 1536);
+    let d = f.disk();
+    let last = 10 * B;
+    d.write(last, &pattern(1536, 0x21)).unwrap();
+    d.cut(false).unwrap();
+    let mut block = vec![0u8; BS as usize];
+    d.read(last, &mut block[..1536]).unwrap();
+    d.write(2 * B, &block).unwrap();
+    d.write(last, &pattern(1536, 0x42)).unwrap();
+    d.cut(false).unwrap();
+    let diffs: Vec<PathBuf> = (1..=2)
+        .map(|g| {
+            let p = f.path(&format!("g{g}.diff"));
+            d.export(g, &p, None).unwrap();
+            p
+        })
+        .collect();
+    let refs = DiffFile::open(&diffs[1])
+        .unwrap()
+        .data_stats()
+        .referenced_blocks;
+    assert_eq!(refs, 1, "the copy of the short block is a reference");
+    let out = f.path("o.img");
+    diff::apply(Some(&f.base), &diffs, &out, false, &Job::new()).unwrap();
+    assert_bytes(&std::fs::read(&out).unwrap(), &read_all(&d));
+}

@@ -6,12 +6,14 @@
 //!   that deduplicates reads the base) and keyed by the base's identity;
 //! - `<layer stem>.hashes`: a frozen layer's dirty blocks and their hashes, written as a
 //!   by-product of exporting it (the export reads every dirty block anyway; a cut never
-//!   hashes), merged when two layers fold into one;
+//!   hashes) or of exporting a generation above it that found none, merged when two layers
+//!   fold into one;
 //! - `chain-<diff id>.hashes`: the same for a diff the disk was started from.
 //!
 //! The parent state of generation G is the base overlaid by every layer (and chain diff) below
 //! G; its map is streamed from those files, newest first, each block answered by the newest one
-//! that covers it, and a layer without a file is read instead. Memory stays bounded: nothing is
+//! that covers it; a layer without a file is read and hashed once, its file written on the way
+//! (an export searches its parent state once per window). Memory stays bounded: nothing is
 //! held per device block, only the hashes an export looks for (a window of its own dirty
 //! blocks at a time) and bitmaps.
 //!

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use roaring::RoaringBitmap;
 
 use super::chain::ImageParent;
-use super::file::{check_blocks, read_parent_blocks};
-use super::{DiffError, DiffFile, DiffIo, ParentState, Piece};
+use super::file::read_parent_blocks;
+use super::{DiffError, DiffFile, DiffIo, ParentState};
 use crate::fsutil::{self, AtomicFile};
 use crate::geometry::Geometry;
 use crate::job::Job;
@@ -148,22 +148,12 @@ fn apply_one(d: &DiffFile, dst: &File, out: &Path, job: &Job) -> Result<(), Diff
         let (start, end) = (u64::from(s) * bs, (e * bs).min(g.size));
         fsutil::punch_or_zero(dst, start, end - start).dctx(ctx)?;
     }
-    let mut buf = Vec::new();
-    d.for_each_piece(job, |off, piece| {
-        let bytes = match piece {
-            Piece::Data(bytes) => bytes,
-            Piece::Reference {
-                frame,
-                source,
-                crcs,
-            } => {
-                buf.resize(crcs.len() * bs as usize, 0);
-                spool.read(&image, g, source, &mut buf)?;
-                check_blocks(frame, source, crcs, &buf, bs)?;
-                let len = (buf.len() as u64).min(g.size - off) as usize;
-                &buf[..len]
-            }
-        };
+    let parent = Spooled {
+        spool: &spool,
+        image: &image,
+        bs,
+    };
+    d.for_each_dirty_run_in(job, &parent, |off, bytes| {
         dst.write_all_at(bytes, off).dctx(ctx)
     })
 }
@@ -220,35 +210,41 @@ impl Spool {
             file: Some(f),
         })
     }
+}
 
-    /// Reads whole parent blocks `first ..` into `buf`: spooled ones from the spool, the others
-    /// from `parent` (which `d` leaves as they are).
-    fn read(
-        &self,
-        parent: &dyn ParentState,
-        g: Geometry,
-        first: u64,
-        buf: &mut [u8],
-    ) -> Result<(), DiffError> {
-        let bs = g.bs();
-        let n = buf.len() as u64 / bs;
+/// The parent state a diff's references read while it is applied: the spooled blocks from the
+/// spool, the others from the output image (which the diff leaves as they are).
+struct Spooled<'a> {
+    spool: &'a Spool,
+    image: &'a ImageParent<'a>,
+    bs: u64,
+}
+
+impl ParentState for Spooled<'_> {
+    /// `offset` is a block's (references name whole blocks); `buf` may end inside the device's
+    /// short last block.
+    fn read_parent(&self, offset: u64, buf: &mut [u8]) -> Result<(), DiffError> {
+        let bs = self.bs;
+        debug_assert!(offset.is_multiple_of(bs), "a reference starts at a block");
+        let (first, n) = (offset / bs, (buf.len() as u64).div_ceil(bs));
+        let len = buf.len();
+        let at = |j: u64| ((j * bs) as usize).min(len);
+        let spooled = |j: u64| self.spool.blocks.contains(Geometry::idx(first + j));
         let mut j = 0;
         while j < n {
-            let b = first + j;
-            let spooled = self.blocks.contains(Geometry::idx(b));
             let mut k = j + 1;
-            while k < n && self.blocks.contains(Geometry::idx(first + k)) == spooled {
+            while k < n && spooled(k) == spooled(j) {
                 k += 1;
             }
-            let dst = &mut buf[(j * bs) as usize..(k * bs) as usize];
-            match &self.file {
-                Some(f) if spooled => {
-                    let slot = self.blocks.rank(Geometry::idx(b)) - 1;
+            let (s, e) = (at(j), at(k));
+            match &self.spool.file {
+                Some(f) if spooled(j) => {
+                    let slot = self.spool.blocks.rank(Geometry::idx(first + j)) - 1;
                     f.file()
-                        .read_exact_at(dst, slot * bs)
+                        .read_exact_at(&mut buf[s..e], slot * bs)
                         .dctx(|| format!("read {}", f.temp_path().display()))?;
                 }
-                _ => read_parent_blocks(parent, g, b, dst)?,
+                _ => self.image.read_parent(offset + j * bs, &mut buf[s..e])?,
             }
             j = k;
         }

@@ -8,6 +8,7 @@ use std::path::Path;
 
 use super::{DiffError, DiffFile, DiffIo};
 use crate::fsutil;
+use crate::geometry::zero_past_end;
 use crate::tracker::BlockState;
 
 /// The disk below a diff, read by device offset.
@@ -89,8 +90,7 @@ pub fn read_chain<D: Deref<Target = DiffFile>>(
                     for (r, source) in redirects.drain(..) {
                         let r = dst.start + r.start..dst.start + r.end;
                         // A reference to the device's short last block: past its end, zeros.
-                        let inside = g.size.saturating_sub(source).min(r.len() as u64) as usize;
-                        buf[r.start + inside..r.end].fill(0);
+                        let inside = zero_past_end(g.size, source, &mut buf[r.clone()]).len();
                         if inside > 0 {
                             work.push((i + 1, source, r.start..r.start + inside));
                         }

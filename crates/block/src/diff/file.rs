@@ -14,7 +14,7 @@ use super::chain::ParentState;
 use super::format::{DiffHeader, HEADER_LEN, VERSION_1};
 use super::frame::{combine_crcs, decode_frame, Codec, Frame, FrameProblem};
 use super::{v1, v2, DiffError, DiffIo, RefProblem};
-use crate::geometry::Geometry;
+use crate::geometry::{zero_past_end, Geometry};
 use crate::job::Job;
 use crate::tracker::{runs, BlockState, Tracker};
 
@@ -223,10 +223,7 @@ impl DiffFile {
         self.read_or_redirect(offset, buf, &mut |r, source| redirects.push((r, source)))?;
         let size = self.header.geometry.size;
         for (r, source) in redirects {
-            let dst = &mut buf[r];
-            let inside = size.saturating_sub(source).min(dst.len() as u64) as usize;
-            dst[inside..].fill(0);
-            parent.read_parent(source, &mut dst[..inside])?;
+            parent.read_parent(source, zero_past_end(size, source, &mut buf[r]))?;
         }
         Ok(())
     }
@@ -538,9 +535,7 @@ pub(crate) fn read_parent_blocks(
     buf: &mut [u8],
 ) -> Result<(), DiffError> {
     let off = first * g.bs();
-    let inside = g.size.saturating_sub(off).min(buf.len() as u64) as usize;
-    buf[inside..].fill(0);
-    parent.read_parent(off, &mut buf[..inside])
+    parent.read_parent(off, zero_past_end(g.size, off, buf))
 }
 
 /// Checks whole blocks `bytes`, read as parent blocks `source ..` for reference entry `frame`,

@@ -12,6 +12,7 @@ use super::{
     write_diff_spec, DiffError, DiffFile, DiffHeader, DiffSpec, RefProblem, References,
     WriteOptions,
 };
+use crate::geometry::zero_past_end;
 use crate::job::Job;
 use crate::tracker::{runs, BlockState, Tracker};
 
@@ -86,8 +87,8 @@ pub fn squash_with(
                     via: Some(via),
                 } => {
                     let mut tmp = vec![0u8; bs as usize];
-                    let from_len = (g.block_span(from).1 - from * bs) as usize;
-                    diffs[diff].read_stored(from * bs, &mut tmp[..from_len])?;
+                    diffs[diff]
+                        .read_stored(from * bs, zero_past_end(g.size, from * bs, &mut tmp))?;
                     via.check(&tmp)?;
                     buf[pos..pos + len].copy_from_slice(&tmp[..len]);
                 }

@@ -12,7 +12,7 @@ use super::format::{DiffHeader, FRAME_SIZE, MAX_FRAME_SIZE, VERSION, VERSION_1};
 use super::frame::{combine_crcs, Codec, Compression, Frame, FrameEncoder};
 use super::{v1, v2, DiffError, DiffIo};
 use crate::fsutil::AtomicFile;
-use crate::geometry::Geometry;
+use crate::geometry::{zero_past_end, Geometry};
 use crate::job::Job;
 use crate::tracker::{runs, Tracker};
 
@@ -349,16 +349,13 @@ pub fn write_diff_spec(
                     let room = sink.room();
                     let n = (seg_end - b).min(room.len() as u64 / bs);
                     let dev = b * bs;
-                    let dev_end = ((b + n) * bs).min(geometry.size);
-                    let dst = &mut room[..(n * bs) as usize];
-                    let valid = (dev_end - dev) as usize;
+                    let dst = zero_past_end(geometry.size, dev, &mut room[..(n * bs) as usize]);
                     if merged {
                         let o = (dev - span_start * bs) as usize;
-                        dst[..valid].copy_from_slice(&span_buf[o..o + valid]);
+                        dst.copy_from_slice(&span_buf[o..o + dst.len()]);
                     } else {
-                        source.read_blocks(dev, &mut dst[..valid])?;
+                        source.read_blocks(dev, dst)?;
                     }
-                    dst[valid..].fill(0);
                     b += n;
                     sink.filled((n * bs) as usize, &mut w, job, &ctx)?;
                 }

@@ -17,7 +17,7 @@ use crate::dedupe::search::Wanted;
 use crate::diff::{read_chain, DiffError, DiffFile, References};
 use crate::error::{BlockError, IoContext, Result};
 use crate::fsutil;
-use crate::geometry::Geometry;
+use crate::geometry::{zero_past_end, Geometry};
 use crate::job::Job;
 use crate::stack::Entry;
 use crate::state::BaseIdentity;
@@ -67,9 +67,7 @@ fn hash_blocks(
             job.check().map_err(DiffError::from)?;
             let n = (e - b).min(per);
             let chunk = &mut buf[..(n * bs) as usize];
-            let inside = (g.size - b * bs).min(chunk.len() as u64) as usize;
-            chunk[inside..].fill(0);
-            read(b * bs, &mut chunk[..inside])?;
+            read(b * bs, zero_past_end(g.size, b * bs, chunk))?;
             for (j, blk) in chunk.chunks(bs as usize).enumerate() {
                 f(b + j as u64, block_hash(blk))?;
             }
@@ -91,32 +89,66 @@ fn hint_lost(r: Result<()>, what: &dyn Fn() -> String) -> Result<()> {
     }
 }
 
+/// Hashes the blocks of `set` (read with `read`), hands each `(block, hash)` to `offer`, and
+/// writes them as the hash list at `path` under `key`. True when the list is in place; a list
+/// that cannot be written is only a hint lost (said so), the hashing goes on without it.
+fn list(
+    g: Geometry,
+    path: &Path,
+    key: [u8; 16],
+    set: &RoaringBitmap,
+    read: &dyn Fn(u64, &mut [u8]) -> Result<()>,
+    job: &Job,
+    offer: &mut dyn FnMut(u64, u64) -> Result<()>,
+) -> Result<bool> {
+    let lost = |e: BlockError| {
+        tracing::warn!(path = %path.display(), error = %e, "parent dedupe: cannot write a hash list");
+    };
+    let mut w = Writer::create(path, Kind::List, g, key).map_err(lost).ok();
+    hash_blocks(g, set, read, job, &mut |b, h| {
+        offer(b, h)?;
+        if let Some(Err(e)) = w.as_mut().map(|w| w.push(b, h)) {
+            lost(e);
+            w = None;
+        }
+        Ok(())
+    })?;
+    Ok(w.is_some_and(|w| w.commit().map_err(lost).is_ok()))
+}
+
 impl Disk {
+    /// Removes the hash list just written for `e` when a fold has taken `e` out of the stack
+    /// meanwhile (and with it the files under its stem, maybe before the list was there). If
+    /// `e` is still listed here, its fold has not committed, and will remove the list with the
+    /// layer's other files.
+    fn drop_list_if_folded(&self, e: &Arc<Entry>) {
+        let stack = self.stack.read().unwrap_or_else(PoisonError::into_inner);
+        if !stack.layers.iter().any(|x| Arc::ptr_eq(x, e)) {
+            let _ = std::fs::remove_file(e.layer.hashes_file_path());
+        }
+    }
+
     /// The dirty blocks of frozen `entry` to store as references: those whose bytes its parent
     /// state holds, each checked against the parent block it names. Writes the generation's
-    /// own hash list on the way (every later export looks there).
+    /// own hash list on the way (every later export looks there), and those of the sources
+    /// below that have none.
     pub(super) fn plan_references(&self, entry: &Arc<Entry>, job: &Job) -> Result<References> {
         let t0 = Instant::now();
-        let (refs, candidates) = self.plan_references_in(entry, job, WINDOW)?;
+        let p = self.plan_references_in(entry, job, WINDOW)?;
         tracing::info!(
             generation = entry.generation,
             dirty_blocks = entry.layer.tracker().dirty_count(),
-            candidates,
-            referenced_blocks = refs.blocks(),
+            candidates = p.candidates,
+            parent_blocks_hashed = p.hashed,
+            referenced_blocks = p.refs.blocks(),
             ms = t0.elapsed().as_millis() as u64,
             "parent dedupe"
         );
-        Ok(refs)
+        Ok(p.refs)
     }
 
-    /// [`Disk::plan_references`], `window` dirty blocks looked for at a time; also returns how
-    /// many candidates the index gave (each read and compared).
-    fn plan_references_in(
-        &self,
-        entry: &Arc<Entry>,
-        job: &Job,
-        window_len: usize,
-    ) -> Result<(References, u64)> {
+    /// [`Disk::plan_references`], `window` dirty blocks looked for at a time.
+    fn plan_references_in(&self, entry: &Arc<Entry>, job: &Job, window_len: usize) -> Result<Plan> {
         let (below, chain) = {
             let stack = self.stack.read().unwrap_or_else(PoisonError::into_inner);
             let i = stack
@@ -140,10 +172,12 @@ impl Disk {
         let mut search = Search {
             disk: self,
             entry,
+            unlisted: vec![false; below.len() + chain.len()],
             below,
             chain,
             prev: None,
             candidates: 0,
+            hashed: 0,
         };
         let mut refs = References::new();
         let mut window = Vec::with_capacity(window_len.min(dirty.len() as usize));
@@ -162,7 +196,11 @@ impl Disk {
         if let Status::Damaged(m) = status {
             tracing::warn!(generation = entry.generation, problem = %m, "parent dedupe: the generation's hash list changed during its export");
         }
-        Ok((refs, search.candidates))
+        Ok(Plan {
+            refs,
+            candidates: search.candidates,
+            hashed: search.hashed,
+        })
     }
 
     /// Writes the hash list of the layer folding `upper` into `lower` (to `stem`'s path, before
@@ -214,6 +252,15 @@ impl Disk {
     }
 }
 
+/// What [`Disk::plan_references_in`] found, and what it cost.
+struct Plan {
+    refs: References,
+    /// Parent blocks the index named as copies (each read and compared).
+    candidates: u64,
+    /// Blocks of layers and chain diffs read and hashed for want of a hash list.
+    hashed: u64,
+}
+
 /// One export's search of its parent state.
 struct Search<'a> {
     disk: &'a Disk,
@@ -222,9 +269,14 @@ struct Search<'a> {
     below: Vec<Arc<Entry>>,
     /// The diffs the disk was started from, newest first.
     chain: Vec<Arc<DiffFile>>,
+    /// By source (`below`, then `chain`): it had no list and none could be made (its blocks
+    /// unreadable, or the list unwritable). Left out of the later windows, which would only
+    /// read it all again: its copies are lost to them, never its place in the stack.
+    unlisted: Vec<bool>,
     /// The last block made a reference and the parent block it names.
     prev: Option<(u64, u64)>,
     candidates: u64,
+    hashed: u64,
 }
 
 impl Search<'_> {
@@ -245,16 +297,25 @@ impl Search<'_> {
 
     /// Offers `wanted` every block of the parent state with its hash, newest source first,
     /// each block answered by the newest source that covers it; stops once all are found.
-    fn search(&self, wanted: &mut Wanted, job: &Job) -> Result<()> {
+    ///
+    /// A source without a valid hash list is read and hashed once, its list written on the way
+    /// (all its dirty blocks, not only those it answers for here), so that the export's later
+    /// windows stream that list like any other instead of reading the source again.
+    fn search(&mut self, wanted: &mut Wanted, job: &Job) -> Result<()> {
         let g = self.geom();
         let mut covered = RoaringBitmap::new();
-        for e in &self.below {
+        for (i, e) in self.below.iter().enumerate() {
             if wanted.complete() {
                 return Ok(());
             }
             let t: Tracker = e.layer.tracker().clone();
             let mut fresh = t.dirty().clone();
             fresh -= &covered;
+            covered |= t.dirty();
+            covered |= t.zero();
+            if self.unlisted[i] {
+                continue;
+            }
             let path = e.layer.hashes_file_path();
             let mut offer = |b: u64, h: u64| {
                 if wanted.may_want(h) && fresh.contains(Geometry::idx(b)) {
@@ -262,27 +323,46 @@ impl Search<'_> {
                 }
                 Ok(())
             };
-            let st = files::read(path, Kind::List, g, e.id.as_bytes(), &mut offer)?;
-            if st != Status::Valid {
-                if let Status::Damaged(m) = &st {
-                    tracing::warn!(path = %path.display(), problem = %m, "parent dedupe: a damaged hash list, read instead");
-                    let _ = std::fs::remove_file(path);
-                }
-                // The layer's blocks it answers for here, hashed as read (not kept: an export
-                // of that generation writes its list).
-                let read = |off: u64, buf: &mut [u8]| e.layer.read_stored(off, buf);
-                let r = hash_blocks(g, &fresh, &read, job, &mut offer);
-                hint_lost(r, &|| format!("generation {} unreadable", e.generation))?;
+            let key = *e.id.as_bytes();
+            let st = files::read(path, Kind::List, g, &key, &mut offer)?;
+            if st == Status::Valid {
+                continue;
             }
-            covered |= t.dirty();
-            covered |= t.zero();
+            if let Status::Damaged(m) = &st {
+                tracing::warn!(path = %path.display(), problem = %m, "parent dedupe: a damaged hash list, rebuilt");
+            }
+            // Written where the layer's own export writes it. A frozen layer's dirty blocks
+            // never change (a fold of it only fills blocks its bitmap leaves untouched, and
+            // makes a new layer under a new stem), so the list cannot disagree with them,
+            // whoever writes it first; a fold merges it if it is there in time, and proceeds
+            // without it if not. Only a fold that removed the layer's files before the list
+            // was in place leaves it behind: removed below.
+            let read = |off: u64, buf: &mut [u8]| e.layer.read_stored(off, buf);
+            let r = list(g, path, key, t.dirty(), &read, job, &mut offer);
+            self.hashed += t.dirty().len();
+            match r {
+                Ok(true) => self.disk.drop_list_if_folded(e),
+                Ok(false) => self.unlisted[i] = true,
+                Err(err) => {
+                    self.unlisted[i] = true;
+                    hint_lost(Err(err), &|| {
+                        format!("generation {} unreadable", e.generation)
+                    })?;
+                }
+            }
         }
+        let layers = self.below.len();
         for (i, d) in self.chain.iter().enumerate() {
             if wanted.complete() {
                 return Ok(());
             }
             let mut fresh = d.tracker().dirty().clone();
             fresh -= &covered;
+            covered |= d.tracker().dirty();
+            covered |= d.tracker().zero();
+            if self.unlisted[layers + i] {
+                continue;
+            }
             let path = self.disk.dir.join(chain_hashes(d.header.id));
             let key = *d.header.id.as_bytes();
             let mut offer = |b: u64, h: u64| {
@@ -292,30 +372,20 @@ impl Search<'_> {
                 Ok(())
             };
             let st = files::read(&path, Kind::List, g, &key, &mut offer)?;
-            if st != Status::Valid {
-                if let Status::Damaged(m) = &st {
-                    tracing::warn!(path = %path.display(), problem = %m, "parent dedupe: a damaged hash list, rebuilt");
-                }
-                // A chain diff never changes: its list is made once, of all its blocks (kept
-                // when the directory takes it).
-                let mut w = Writer::create(&path, Kind::List, g, key).ok();
-                let read = |off: u64, buf: &mut [u8]| -> Result<()> {
-                    let base = |o: u64, b: &mut [u8]| self.disk.read_base(o, b);
-                    Ok(read_chain(&self.chain[i..], &base, off, buf)?)
-                };
-                hash_blocks(g, d.tracker().dirty(), &read, job, &mut |b, h| {
-                    offer(b, h)?;
-                    match &mut w {
-                        Some(w) => w.push(b, h),
-                        None => Ok(()),
-                    }
-                })?;
-                if let Some(w) = w {
-                    hint_lost(w.commit(), &|| format!("cannot write {}", path.display()))?;
-                }
+            if st == Status::Valid {
+                continue;
             }
-            covered |= d.tracker().dirty();
-            covered |= d.tracker().zero();
+            if let Status::Damaged(m) = &st {
+                tracing::warn!(path = %path.display(), problem = %m, "parent dedupe: a damaged hash list, rebuilt");
+            }
+            // A chain diff never changes: its list is made once, of all its blocks.
+            let read = |off: u64, buf: &mut [u8]| -> Result<()> {
+                let base = |o: u64, b: &mut [u8]| self.disk.read_base(o, b);
+                Ok(read_chain(&self.chain[i..], &base, off, buf)?)
+            };
+            let listed = list(g, &path, key, d.tracker().dirty(), &read, job, &mut offer)?;
+            self.hashed += d.tracker().dirty().len();
+            self.unlisted[layers + i] = !listed;
         }
         if !wanted.complete() {
             self.search_base(wanted, &covered, job)?;
@@ -427,11 +497,8 @@ impl Search<'_> {
     /// both zero-padded past the device end.
     fn read(&self, b: u64, c: u64, own: &mut [u8], parent: &mut [u8]) -> Result<()> {
         let g = self.geom();
-        let inside = g.size.saturating_sub(b * g.bs()).min(own.len() as u64) as usize;
-        own[inside..].fill(0);
-        self.entry
-            .layer
-            .read_stored(b * g.bs(), &mut own[..inside])?;
+        let own = zero_past_end(g.size, b * g.bs(), own);
+        self.entry.layer.read_stored(b * g.bs(), own)?;
         self.disk.read_parent_of(self.entry, c * g.bs(), parent)
     }
 }
@@ -468,9 +535,7 @@ fn build_base(
             job.check().map_err(DiffError::from)?;
             let n = (end - b).min(buf.len() as u64 / bs);
             let chunk = &mut buf[..(n * bs) as usize];
-            let inside = (g.size - b * bs).min(chunk.len() as u64) as usize;
-            chunk[inside..].fill(0);
-            fsutil::read_at_or_zero(base, &mut chunk[..inside], b * bs).ctx(ctx)?;
+            fsutil::read_at_or_zero(base, zero_past_end(g.size, b * bs, chunk), b * bs).ctx(ctx)?;
             for (j, blk) in chunk.chunks(bs as usize).enumerate() {
                 push(&mut w, b + j as u64, block_hash(blk))?;
             }
@@ -506,9 +571,28 @@ mod tests {
         (d, base)
     }
 
-    fn plan(d: &Disk, window: usize) -> (References, u64) {
-        let (e, _) = d.frozen_entry(1).unwrap();
+    fn plan_of(d: &Disk, generation: u64, window: usize) -> Plan {
+        let (e, _) = d.frozen_entry(generation).unwrap();
         d.plan_references_in(&e, &Job::new(), window).unwrap()
+    }
+
+    fn plan(d: &Disk, window: usize) -> (References, u64) {
+        let p = plan_of(d, 1, window);
+        (p.refs, p.candidates)
+    }
+
+    fn runs_of(refs: &References) -> Vec<(u64, u64, usize)> {
+        refs.runs().map(|(b, s, c)| (b, s, c.len())).collect()
+    }
+
+    /// [`disk`], and generation 2 over it: generation 1's new blocks 200..216 copied to 30..46.
+    fn two_generations(dir: &std::path::Path) -> Disk {
+        let (d, _) = disk(dir);
+        let mut buf = vec![0u8; (16 * BS) as usize];
+        d.read(200 * BS, &mut buf).unwrap();
+        d.write(30 * BS, &buf).unwrap();
+        d.cut(false).unwrap();
+        d
     }
 
     #[test]
@@ -517,10 +601,64 @@ mod tests {
         let (d, _) = disk(dir.path());
         for window in [1, 3, 7, WINDOW] {
             let (refs, _) = plan(&d, window);
-            let runs: Vec<(u64, u64, usize)> =
-                refs.runs().map(|(b, s, c)| (b, s, c.len())).collect();
-            assert_eq!(runs, [(100, 0, 8)], "window {window}");
+            assert_eq!(runs_of(&refs), [(100, 0, 8)], "window {window}");
         }
+    }
+
+    #[test]
+    fn a_layer_without_a_list_is_read_once_per_export_whatever_its_windows() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = two_generations(dir.path());
+        let (g1, _) = d.frozen_entry(1).unwrap();
+        let g1_blocks = g1.layer.tracker().dirty_count();
+        let list = g1.layer.hashes_file_path().to_owned();
+        assert!(!list.exists(), "generation 1 was never exported");
+        // Generation 2's 16 blocks one window each: generation 1 (24 blocks) is searched 16
+        // times, read for the first only.
+        let p = plan_of(&d, 2, 1);
+        assert_eq!(runs_of(&p.refs), [(30, 200, 16)]);
+        assert_eq!(p.hashed, g1_blocks, "generation 1 read more than once");
+        assert!(list.exists(), "generation 1's list kept");
+        // The next export streams it, in any window size.
+        for window in [1, 5, WINDOW] {
+            let p = plan_of(&d, 2, window);
+            assert_eq!(runs_of(&p.refs), [(30, 200, 16)], "window {window}");
+            assert_eq!(p.hashed, 0, "window {window}");
+        }
+        // It is the list generation 1's own export writes: every dirty block, hashed alike.
+        let written = std::fs::read(&list).unwrap();
+        std::fs::remove_file(&list).unwrap();
+        plan_of(&d, 1, WINDOW);
+        assert!(std::fs::read(&list).unwrap() == written);
+    }
+
+    #[test]
+    fn a_list_of_a_layer_folded_meanwhile_is_not_left_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = two_generations(dir.path());
+        let mut buf = vec![0u8; BS as usize];
+        d.read(0, &mut buf).unwrap();
+        d.write(250 * BS, &buf).unwrap();
+        d.cut(false).unwrap();
+        // Generation 3's export lists generations 2 and 1; generation 2 then folds into 1.
+        plan_of(&d, 3, WINDOW);
+        let (g2, _) = d.frozen_entry(2).unwrap();
+        let stale = g2.layer.hashes_file_path().to_owned();
+        let written = std::fs::read(&stale).unwrap();
+        d.fold(2, true).unwrap();
+        assert!(!stale.exists());
+        // As if the export's list had been committed after the fold removed the layer's files.
+        std::fs::write(&stale, &written).unwrap();
+        d.drop_list_if_folded(&g2);
+        assert!(
+            !stale.exists(),
+            "the list of a layer no longer in the stack kept"
+        );
+        // A layer still in the stack keeps its list.
+        let (g3, _) = d.frozen_entry(3).unwrap();
+        assert!(g3.layer.hashes_file_path().exists());
+        d.drop_list_if_folded(&g3);
+        assert!(g3.layer.hashes_file_path().exists());
     }
 
     #[test]
@@ -553,8 +691,7 @@ mod tests {
             w.push_base(one).unwrap();
         }
         w.commit().unwrap();
-        let (e, _) = d.frozen_entry(1).unwrap();
-        let (refs, _) = d.plan_references_in(&e, &Job::new(), WINDOW).unwrap();
+        let refs = plan_of(&d, 1, WINDOW).refs;
         for (b, s, crcs) in refs.runs() {
             for (j, &crc) in crcs.iter().enumerate() {
                 let (b, s) = (b + j as u64, s + j as u64);

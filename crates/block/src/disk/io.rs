@@ -8,7 +8,7 @@ use super::Disk;
 use crate::diff::{read_chain, DiffError, DiffIo};
 use crate::error::{BlockError, Result};
 use crate::fsutil;
-use crate::geometry::{Geometry, SECTOR};
+use crate::geometry::{zero_past_end, Geometry, SECTOR};
 use crate::layer::Layer;
 use crate::stack::{Entry, Src, Stack};
 use crate::stats::Stats;
@@ -132,15 +132,18 @@ impl Disk {
         offset: u64,
         buf: &mut [u8],
     ) -> Result<()> {
-        let inside = self.geom.size.saturating_sub(offset).min(buf.len() as u64) as usize;
-        buf[inside..].fill(0);
+        let inside = zero_past_end(self.geom.size, offset, buf);
+        // Taken per call, like a guest request takes it (a call reads at most what one request
+        // does: a run of candidates, see `Search::verify`), not per window of an export: a cut
+        // waiting for the write guard holds new requests back, so a guard kept across a
+        // window's reads would stall the guest for all of them.
         let stack = self.stack.read().unwrap_or_else(PoisonError::into_inner);
         let i = stack
             .layers
             .iter()
             .position(|e| Arc::ptr_eq(e, entry))
             .ok_or(BlockError::NoSuchGeneration(entry.generation))?;
-        self.read_stack(&stack, offset, &mut buf[..inside], i + 1)
+        self.read_stack(&stack, offset, inside, i + 1)
     }
 }
 
