@@ -60,10 +60,12 @@ pub struct FsBackend {
     pub connected: AtomicBool,
 }
 
-/// Runs one request chain and returns the used length. READ and WRITE data go straight
-/// between the file and the guest's buffers ([`data_chain`]); every other request is gathered,
-/// handled and its reply scattered.
-fn run_chain(server: &Server, faults: &Faults, mem: &GuestMemoryMmap, segs: &Segments) -> u32 {
+/// Runs one request chain and returns the used length. Its first [`DATA_HEAD`] bytes are
+/// gathered; READ and WRITE data then go straight between the file and the guest's buffers
+/// (`data_chain`), and every other request has the rest of its bytes gathered, is handled and
+/// its reply scattered. Public for the fuzz harness (`vsnap_fuzz::fuse_chain`), which drives
+/// it with chains over its own guest memory.
+pub fn run_chain(server: &Server, faults: &Faults, mem: &GuestMemoryMmap, segs: &Segments) -> u32 {
     if let Some(d) = segs.defect {
         faults.record(d);
         return 0;
@@ -83,8 +85,13 @@ fn run_chain(server: &Server, faults: &Faults, mem: &GuestMemoryMmap, segs: &Seg
     if let Some(r) = server.data_request(head, len) {
         return data_chain(server, faults, mem, segs, &r);
     }
-    let mut msg = vec![0u8; len];
-    if !gather(mem, &segs.readable, 0, &mut msg) {
+    // The head is read from guest memory once: the message `handle` decodes begins with the
+    // very bytes `data_request` looked at, even if the guest has changed them since.
+    let got = head.len();
+    let mut msg = Vec::with_capacity(len);
+    msg.extend_from_slice(head);
+    msg.resize(len, 0);
+    if !gather(mem, &segs.readable, got as u64, &mut msg[got..]) {
         faults.record("FUSE request unreadable");
         return 0;
     }

@@ -13,7 +13,6 @@ use std::io;
 use std::marker::PhantomData;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
-use vm_memory::volatile_memory::{PtrGuard, PtrGuardMut};
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vsnap_vhost::Seg;
 
@@ -52,65 +51,80 @@ fn ranges<'m, T>(
     (left == 0).then_some(out)
 }
 
-/// Guest buffers the kernel writes into: the device-writable part of a chain.
-pub struct GuestSink<'m> {
+/// Which way the kernel moves bytes through guest buffers. Sealed: only the two directions
+/// below exist, so the kernel writes into guest memory only through buffers built from
+/// writable guards ([`preadv`] takes nothing but a [`GuestSink`]).
+pub trait Direction: sealed::Sealed {}
+
+mod sealed {
+    use vm_memory::volatile_memory::{PtrGuard, PtrGuardMut};
+    use vm_memory::VolatileSlice;
+
+    pub trait Sealed {
+        /// What keeps a range's host pointer valid, as the access it allows.
+        type Guard;
+        fn guard(s: VolatileSlice<'_, ()>) -> Self::Guard;
+        fn iovec(g: &Self::Guard) -> libc::iovec;
+    }
+
+    impl Sealed for super::IntoGuest {
+        type Guard = PtrGuardMut;
+        fn guard(s: VolatileSlice<'_, ()>) -> PtrGuardMut {
+            s.ptr_guard_mut()
+        }
+        fn iovec(g: &PtrGuardMut) -> libc::iovec {
+            libc::iovec {
+                iov_base: g.as_ptr().cast(),
+                iov_len: g.len(),
+            }
+        }
+    }
+
+    impl Sealed for super::OutOfGuest {
+        type Guard = PtrGuard;
+        fn guard(s: VolatileSlice<'_, ()>) -> PtrGuard {
+            s.ptr_guard()
+        }
+        fn iovec(g: &PtrGuard) -> libc::iovec {
+            // An iovec's base is `*mut` for both directions; `pwritev` only reads through it.
+            libc::iovec {
+                iov_base: g.as_ptr().cast_mut().cast(),
+                iov_len: g.len(),
+            }
+        }
+    }
+}
+
+/// The kernel writes into guest memory (a READ's data, into the chain's writable part).
+pub enum IntoGuest {}
+/// The kernel reads guest memory (a WRITE's data, from the chain's readable part).
+pub enum OutOfGuest {}
+
+impl Direction for IntoGuest {}
+impl Direction for OutOfGuest {}
+
+/// Bytes of guest memory the kernel moves in direction `D`, as the iovecs of one call.
+pub struct GuestBufs<'m, D: Direction> {
     iov: Vec<libc::iovec>,
     len: usize,
     /// Keep the pointers valid (they map nothing on this backend, but say so in the types).
-    _guards: Vec<PtrGuardMut>,
+    _guards: Vec<D::Guard>,
     _mem: PhantomData<&'m GuestMemoryMmap>,
 }
 
+/// Guest buffers the kernel writes into: the device-writable part of a chain.
+pub type GuestSink<'m> = GuestBufs<'m, IntoGuest>;
 /// Guest buffers the kernel reads from: the device-readable part of a chain.
-pub struct GuestSource<'m> {
-    iov: Vec<libc::iovec>,
-    len: usize,
-    _guards: Vec<PtrGuard>,
-    _mem: PhantomData<&'m GuestMemoryMmap>,
-}
+pub type GuestSource<'m> = GuestBufs<'m, OutOfGuest>;
 
-impl<'m> GuestSink<'m> {
-    /// Bytes `[skip, skip + len)` of the writable segments `segs`; `None` if they do not hold
-    /// that many bytes or leave guest memory.
+impl<'m, D: Direction> GuestBufs<'m, D> {
+    /// Bytes `[skip, skip + len)` of the segments `segs` (writable ones for a [`GuestSink`],
+    /// readable ones for a [`GuestSource`]); `None` if they do not hold that many bytes or
+    /// leave guest memory.
     pub fn new(mem: &'m GuestMemoryMmap, segs: &[Seg], skip: u64, len: usize) -> Option<Self> {
-        let guards = ranges(mem, segs, skip, len, |s| s.ptr_guard_mut())?;
-        let iov = guards
-            .iter()
-            .map(|g| libc::iovec {
-                iov_base: g.as_ptr().cast(),
-                iov_len: g.len(),
-            })
-            .collect();
-        Some(GuestSink {
-            iov,
-            len,
-            _guards: guards,
-            _mem: PhantomData,
-        })
-    }
-
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-}
-
-impl<'m> GuestSource<'m> {
-    /// Bytes `[skip, skip + len)` of the readable segments `segs`; `None` if they do not hold
-    /// that many bytes or leave guest memory.
-    pub fn new(mem: &'m GuestMemoryMmap, segs: &[Seg], skip: u64, len: usize) -> Option<Self> {
-        let guards = ranges(mem, segs, skip, len, |s| s.ptr_guard())?;
-        let iov = guards
-            .iter()
-            .map(|g| libc::iovec {
-                iov_base: g.as_ptr().cast_mut().cast(),
-                iov_len: g.len(),
-            })
-            .collect();
-        Some(GuestSource {
+        let guards = ranges(mem, segs, skip, len, D::guard)?;
+        let iov = guards.iter().map(D::iovec).collect();
+        Some(GuestBufs {
             iov,
             len,
             _guards: guards,
@@ -158,9 +172,9 @@ fn in_pieces(
 /// Reads from `fd` at `off` into the guest's buffers; the bytes read.
 pub fn preadv(fd: BorrowedFd<'_>, sink: &GuestSink<'_>, off: u64) -> io::Result<usize> {
     in_pieces(&sink.iov, off, |iov, at| {
-        // SAFETY: each iovec is a range of guest memory that `GuestSink::new` checked lies in a
-        // region mapped for as long as the sink borrows the memory; the kernel writes at most
-        // `iov_len` bytes into each. No Rust reference to those bytes exists, so the guest
+        // SAFETY: each iovec is a range of guest memory that `GuestBufs::new` checked lies in a
+        // region mapped for as long as the sink borrows the memory, taken through a writable
+        // guard (a sink is `IntoGuest`); the kernel writes at most `iov_len` bytes into each. No Rust reference to those bytes exists, so the guest
         // writing them at the same time breaks no aliasing rule: it only races with the
         // kernel's copy, and gets whatever bytes it raced for.
         unsafe { libc::preadv(fd.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int, at) }
@@ -170,8 +184,8 @@ pub fn preadv(fd: BorrowedFd<'_>, sink: &GuestSink<'_>, off: u64) -> io::Result<
 /// Writes the guest's buffers to `fd` at `off`; the bytes written.
 pub fn pwritev(fd: BorrowedFd<'_>, src: &GuestSource<'_>, off: u64) -> io::Result<usize> {
     in_pieces(&src.iov, off, |iov, at| {
-        // SAFETY: each iovec is a range of guest memory that `GuestSource::new` checked lies in
-        // a region mapped for as long as the source borrows the memory; the kernel only reads
+        // SAFETY: each iovec is a range of guest memory that `GuestBufs::new` checked lies in a
+        // region mapped for as long as the source borrows the memory; the kernel only reads
         // it. The guest may change the bytes meanwhile: the file then gets some mix of them,
         // which is what the guest asked for by racing with its own request.
         unsafe { libc::pwritev(fd.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int, at) }

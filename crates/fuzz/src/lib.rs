@@ -6,12 +6,13 @@
 //! - [`runner`]: a bounded, seeded, deterministic run on the stable toolchain, part of
 //!   `cargo test` (`tests/smoke.rs`), mutating a seed corpus of valid messages built here.
 //!
-//! Targets: [`fuse_decode`], [`fuse_handle`], [`diff_decode`], [`http_request`],
-//! [`blk_request`]; [`TARGETS`] lists them with their seeds.
+//! Targets: [`fuse_decode`], [`fuse_handle`], [`fuse_chain`], [`diff_decode`],
+//! [`http_request`], [`blk_request`]; [`TARGETS`] lists them with their seeds.
 
 pub mod blk_request;
 pub mod corpus;
 pub mod diff_decode;
+pub mod fuse_chain;
 pub mod fuse_decode;
 pub mod fuse_handle;
 pub mod http_request;
@@ -22,6 +23,7 @@ mod sys;
 
 pub use blk_request::blk_request;
 pub use diff_decode::diff_decode;
+pub use fuse_chain::fuse_chain;
 pub use fuse_decode::fuse_decode;
 pub use fuse_handle::fuse_handle;
 pub use http_request::http_request;
@@ -53,6 +55,13 @@ pub const TARGETS: &[Target] = &[
         seeds: fuse_handle::seeds,
         dict: fuse_handle::DICT,
         max_len: 4096,
+    },
+    Target {
+        name: "fuse_chain",
+        run: fuse_chain,
+        seeds: fuse_chain::seeds,
+        dict: fuse_chain::DICT,
+        max_len: 8 << 10,
     },
     Target {
         name: "diff_decode",

@@ -1,7 +1,7 @@
 //! The bounded fuzz run of every harness on the stable toolchain: 100,000 mutated inputs per
-//! target from a fixed seed (VSNAP_FUZZ_ITERS and VSNAP_FUZZ_SEED override both; see
-//! docs/fuzzing.md). A failure (panic, hang, huge allocation) prints the input and saves it for
-//! `cargo fuzz run`.
+//! target (10,000 for `fuse_chain`) from a fixed seed (VSNAP_FUZZ_ITERS and VSNAP_FUZZ_SEED
+//! override both; see docs/fuzzing.md). A failure (panic, hang, huge allocation) prints the
+//! input and saves it for `cargo fuzz run`.
 
 use vsnap_fuzz::runner::{run, Config, TrackingAlloc};
 
@@ -12,8 +12,14 @@ static ALLOC: TrackingAlloc = TrackingAlloc;
 const ITERS: u64 = 100_000;
 
 fn smoke(name: &str) {
+    smoke_n(name, ITERS)
+}
+
+/// A target whose inputs cost more (a session and whole-memory checks per input) runs fewer,
+/// to stay at a few seconds.
+fn smoke_n(name: &str, iters: u64) {
     let t = vsnap_fuzz::target(name).expect("known target");
-    let cfg = Config::from_env(ITERS);
+    let cfg = Config::from_env(iters);
     let s = run(t, cfg);
     println!(
         "{name}: {} inputs in {:.1?} (seed {:#x})",
@@ -30,6 +36,11 @@ fn fuse_decode() {
 #[test]
 fn fuse_handle() {
     smoke("fuse_handle");
+}
+
+#[test]
+fn fuse_chain() {
+    smoke_n("fuse_chain", 10_000);
 }
 
 #[test]
