@@ -48,14 +48,14 @@ for cond in conditions:
             cells = []
             for l in cols:
                 v = io[l]["qd_io"][case]
-                cells.append(f"{v['iops'] / 1000:.0f}k/s, {v['lat_p50_us']:.0f} µs, {v['cpu_us']:.1f} µs CPU, {v['vcs_per_op']:.2f}+{v['ivcs_per_op']:.2f} cs" + noisy(v, cond))
+                cells.append(f"{v['iops'] / 1000:.0f}k/s, {v['lat_p50_us']:.0f} µs, {v['cpu_us']:.1f} µs CPU, {v['vcs_per_op']:.2f}+{v['ivcs_per_op']:.2f} cs, {v.get('interrupts_per_op', 0):.2f} irq" + noisy(v, cond))
             if "vsnap" in io and peers:
                 best = max(io[p]["qd_io"][case]["iops"] for p in peers)
                 cells.append(f"{io['vsnap']['qd_io'][case]['iops'] / best:.2f}x")
             rows.append((case.replace("_", " "), cells))
         extra = ["vsnap / better peer"] if "vsnap" in io and peers else []
         table(f"**{cond}** (other work: up to {bg(io.values()):.1f} cores): I/O, IOPS, median round trip, daemon CPU and "
-              "voluntary+involuntary context switches per request", cols + extra, rows)
+              "voluntary+involuntary context switches and interrupts of the driver per request", cols + extra, rows)
     ops = runs.get((cond, "ops"), {})
     if ops:
         cols = [l for l in labels if l in ops]
@@ -71,6 +71,14 @@ for cond in conditions:
         for k in ["read_4k", "write_4k", "read_128k", "write_128k"]:
             rows.append((f"{k.replace('_', ' ')}, µs wall / CPU (cs)", [cost(ops[l]["io"][k]) for l in cols]))
         table(f"**{cond}** (other work: up to {bg(ops.values()):.1f} cores): one request at a time", cols, rows)
+    floor = runs.get((cond, "floor"), {}).get("null-daemon")
+    if floor and ops:
+        rt = floor["round_trip"]
+        print(f"\nThe least a LOOKUP round trip costs a daemon here ({cond}; `vsnap-fsfloor`: sleep on the kick, "
+              f"one fstatat, signal): {rt['cpu_us']} µs of CPU, {rt['wall_us']} µs wall; the fstatat alone "
+              f"{floor['fstatat_cpu_us']} µs. The kernel alone charges one thread {floor.get('pread_4k_cpu_us')} µs "
+              f"per random 4k pread and {floor.get('pwrite_4k_cpu_us')} µs per 4k pwrite of data.bin: the most one "
+              f"worker thread can serve is one request per that much CPU.")
 def per_inode(r):
     return f"{(r['rss_kib_holding'] - r['rss_kib_idle']) * 1024 / max(r['held_inodes'], 1):.0f}"
 

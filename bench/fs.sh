@@ -3,9 +3,11 @@
 # driven by the same FUSE-over-vhost-user frontend (vsnap-fsbench, no VM). Each daemon is measured
 # with the machine quiet and again with a CPU-bound process running alongside ("busy"):
 #   io   4k and 128k READ and WRITE with 1 and 16 requests in flight (IOPS, median round trip,
-#        daemon CPU and context switches per request);
+#        daemon and frontend CPU, context switches, interrupts and kicks per request);
 #   ops  one request at a time: GETATTR, path lookups by depth (fitted per component),
 #        create+release+unlink, reads and writes;
+#   floor a null daemon (vsnap-fsfloor: sleep on the kick, one fstatat, signal), per condition:
+#        the least CPU any daemon can spend on a LOOKUP round trip here;
 #   hold (quiet only) fds, RSS and kernel slab growth while holding 100k and 1M inodes looked up
 #        (as root the open-file limit is raised to fs.nr_open first, so that daemons holding an
 #        fd per inode get as far as the machine allows).
@@ -21,8 +23,8 @@ hold_sizes=${FS_BENCH_HOLD:-100 1000}
 dirs=$(printf '%s\n' $hold_sizes | sort -n | tail -1)
 out="$repo/target/fsbench"
 mkdir -p "$out"
-(cd "$repo" && cargo build -q --release --bin vsnap && cargo build -q --release -p vsnap-frontend --bin vsnap-fsbench)
-vsnap="$repo/target/release/vsnap" fsbench="$repo/target/release/vsnap-fsbench"
+(cd "$repo" && cargo build -q --release --bin vsnap && cargo build -q --release -p vsnap-frontend --bin vsnap-fsbench --bin vsnap-fsfloor)
+vsnap="$repo/target/release/vsnap" fsbench="$repo/target/release/vsnap-fsbench" fsfloor="$repo/target/release/vsnap-fsfloor"
 
 # The peers: virtiofsd 1.14.0 built from crates.io, QEMU 7.2's C virtiofsd from Debian 12.
 rust_vfsd="$repo/target/virtiofsd/bin/virtiofsd"
@@ -87,14 +89,22 @@ prime_caches() {
   python3 -c "import os,sys; [os.lstat(os.path.join(d, n)) for d, _, fs in os.walk(sys.argv[1]) for n in fs]" "$share/many"
 }
 
-run() { # CONDITION PHASE LABEL CMD...: one phase against a fresh daemon
-  local cond=$1 phase=$2 label=$3 tag=${run_tag:-}; shift 3
-  rm -f "$sock"
+start_condition() { # CONDITION: wait for a quiet machine, then make it busy if asked
   wait_quiet
-  if [ "$cond" = busy ]; then
+  if [ "$1" = busy ]; then
     # A CPU-bound process the scheduler places as it likes, as an unrelated build would run.
     sh -c 'while :; do :; done' & busy_pid=$!
   fi
+}
+
+end_condition() {
+  if [ -n "$busy_pid" ]; then kill "$busy_pid"; wait "$busy_pid" 2>/dev/null || true; busy_pid=; fi
+}
+
+run() { # CONDITION PHASE LABEL CMD...: one phase against a fresh daemon
+  local cond=$1 phase=$2 label=$3 tag=${run_tag:-}; shift 3
+  rm -f "$sock"
+  start_condition "$cond"
   [ "$phase" != hold ] || prime_caches
   "$@" > "$out/$label-$cond-$phase$tag.log" 2>&1 &
   local pid=$!
@@ -107,7 +117,7 @@ for l in sys.stdin:
     r = json.loads(l); r['condition'] = '$cond'; r['phase'] = '$phase$tag'; print(json.dumps(r))
 " >> "$results"
   kill -TERM "$pid" 2>/dev/null || true; wait "$pid" || true
-  if [ -n "$busy_pid" ]; then kill "$busy_pid"; wait "$busy_pid" 2>/dev/null || true; busy_pid=; fi
+  end_condition
 }
 
 daemon() { # LABEL: the command line serving $share on $sock, every daemon with --cache auto
@@ -134,6 +144,11 @@ for n in $hold_sizes; do
   done
 done
 for cond in $conditions; do
+  # The least a LOOKUP round trip can cost any daemon here, under the same condition.
+  start_condition "$cond"
+  echo "fs bench: null daemon $cond" >&2
+  "$fsfloor" --dir "$share/deep" --name c1 --data "$share/data.bin" --condition "$cond" >> "$results"
+  end_condition
   for phase in io ops; do
     for label in vsnap vsnap-nolook virtiofsd c-virtiofsd; do
       # shellcheck disable=SC2046

@@ -21,7 +21,15 @@
 //!   slice); a gap between two glances longer than [`CONTENDED`] means the thread was
 //!   preempted, so others want this CPU and a look only competes with them (the driver among
 //!   them): the window closes at once, with the same back-off.
-//! - **Early signals**: on by default; a round during which the worker was preempted
+//! - **Early signals wait for low water**: a completion signals early only once the ring holds
+//!   no more than half the chains its round began with ([`low_water`]). Until then the driver
+//!   that went to sleep has left the worker plenty to do, and waking it for each completion
+//!   only buys more wake-ups: it wakes, takes the one or two completions there are, refills
+//!   them, and sleeps again. At low water the signal still comes early enough for the driver to
+//!   wake and refill while the worker serves the other half. Measured on a 2-vCPU VM (4k READ,
+//!   16 in flight, quiet): an early signal for every completion asked for cost 0.31 interrupts
+//!   per request and 225k/s; waiting for low water 0.06-0.09 and 290-335k/s, WRITE 184k to 245k/s.
+//! - **Early signals** are on by default; a round during which the worker was preempted
 //!   (involuntary context switches of its thread) turns them off for a number of rounds that
 //!   doubles while trial rounds keep being preempted (from [`BATCH_MIN`] to [`BATCH_MAX`]), and
 //!   resets after a clean one.
@@ -45,6 +53,13 @@ pub const COOLDOWN_MAX: u32 = 1024;
 /// Rounds of batched signalling after a preempted round, at first and at most.
 pub const BATCH_MIN: u32 = 64;
 pub const BATCH_MAX: u32 = 4096;
+
+/// Whether a completion made while `pending` chains are still available, in a round that began
+/// with `began`, is one to signal early: the ring has run down to half of what the round began
+/// with (see the module's note).
+pub fn low_water(began: u16, pending: u16) -> bool {
+    pending <= began / 2
+}
 
 /// One queue worker's pacing state. Only the worker's thread touches it.
 #[derive(Debug)]
@@ -161,6 +176,19 @@ mod tests {
     use super::*;
 
     const SHORT: Duration = Duration::from_micros(50);
+
+    #[test]
+    fn early_signals_wait_until_half_the_round_is_served() {
+        assert!(!low_water(16, 16));
+        assert!(!low_water(16, 9));
+        assert!(low_water(16, 8));
+        assert!(low_water(16, 0));
+        // More came meanwhile: the driver is refilling, it needs no interrupt to.
+        assert!(!low_water(16, 40));
+        assert!(!low_water(3, 2));
+        assert!(low_water(3, 1));
+        assert!(low_water(2, 1));
+    }
 
     #[test]
     fn the_window_opens_while_sleeps_are_short_and_closes_when_the_queue_idles() {

@@ -70,6 +70,18 @@ pub fn pop(vring: &VringRwLock, mem: &GuestMemoryLoadGuard<GuestMemoryMmap>) -> 
     q.pop_descriptor_chain(mem.clone())
 }
 
+/// How many chains the driver has made available that we have not taken (0 if the ring is not
+/// ready or unreadable; [`ring_usable`] is what judges a ring).
+pub fn pending(vring: &VringRwLock, mem: &GuestMemoryMmap) -> u16 {
+    let state = vring.get_ref();
+    let q = state.get_queue();
+    if !q.ready() {
+        return 0;
+    }
+    q.avail_idx(mem, Ordering::Acquire)
+        .map_or(0, |idx| (idx - Wrapping(q.next_avail())).0)
+}
+
 /// Whether the queue is ready and the driver has made a chain available that we have not
 /// taken: a cheap look (no lock but the ring's, no chain read) for a worker deciding to sleep.
 pub fn has_avail(vring: &VringRwLock, mem: &GuestMemoryMmap) -> bool {

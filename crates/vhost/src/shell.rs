@@ -97,8 +97,9 @@ struct QueueCtl {
     draining: AtomicBool,
     /// A completion was made during a drain and left its guest notification to it.
     deferred: AtomicBool,
-    /// Completions made during this round of the drain signal the guest themselves (if it
-    /// asked) instead of leaving it to the end of the round: see [`Pacing`].
+    /// Completions made now signal the guest themselves (if it asked) instead of leaving it to
+    /// the end of the round: set as each chain is taken, in a round with early signals, once
+    /// the ring is at low water (see [`pacing::low_water`]).
     early: AtomicBool,
     /// The worker's own state; only the queue's worker thread takes it.
     worker: Mutex<Worker>,
@@ -443,12 +444,16 @@ impl<D: Device> Shell<D> {
             // one costs no preemption count either.
             let batch = event_idx && available > 1;
             let early = batch && worker.pacing.early_signals();
-            ctl.early.store(early, Ordering::Relaxed);
+            ctl.early.store(false, Ordering::Relaxed);
             let preempted_before = early.then(preemptions);
             while !stopping() {
                 let Some(chain) = queue::pop(vring, &guest) else {
                     break;
                 };
+                if early {
+                    let low = pacing::low_water(available, queue::pending(vring, &guest));
+                    ctl.early.store(low, Ordering::Relaxed);
+                }
                 let generation = *ctl
                     .generation
                     .read()

@@ -48,6 +48,9 @@ struct Args {
     /// Seconds per case of the `io` phase.
     #[arg(long, default_value_t = 3.0)]
     seconds: f64,
+    /// Only this case of the `io` phase (e.g. `read_4k_qd16`), to reproduce one figure.
+    #[arg(long)]
+    case: Option<String>,
 }
 
 /// Rounded to 2 decimals for the report.
@@ -60,6 +63,9 @@ fn r2(x: f64) -> f64 {
 struct Cost {
     wall_us: f64,
     cpu_us: f64,
+    /// The frontend's own CPU per op: when it nears `wall_us`, the frontend, not the backend,
+    /// sets the pace.
+    frontend_cpu_us: f64,
     /// Cores' worth of CPU the rest of the machine used meanwhile: ~0 on a quiet machine.
     background_cpus: f64,
     threads: Vec<ThreadSwitches>,
@@ -103,6 +109,7 @@ impl Meter {
         Cost {
             wall_us: wall * 1e6 / n,
             cpu_us: cpu * 1e6 / n,
+            frontend_cpu_us: own * 1e6 / n,
             background_cpus,
             threads,
             frontend_vcs: me.iter().map(|t| t.voluntary).sum(),
@@ -121,6 +128,7 @@ impl Cost {
         json!({
             "wall_us": r2(self.wall_us),
             "cpu_us": r2(self.cpu_us),
+            "frontend_cpu_us": r2(self.frontend_cpu_us),
             "background_cpus": r2(self.background_cpus),
             "vcs_per_op": per(self.threads.iter().map(|t| t.voluntary).sum()),
             "ivcs_per_op": per(self.threads.iter().map(|t| t.involuntary).sum()),
@@ -380,6 +388,7 @@ fn io_case(
     let mut started: HashMap<u16, (usize, Instant)> = HashMap::new();
     let mut lat: Vec<u32> = Vec::with_capacity(1 << 20);
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let notes0 = f.fe.queues[1].notifications();
     let meter = Meter::start(pid);
     for (k, s) in slots[..qd].iter().enumerate() {
         let head = submit(f, s).ok_or("ring full")?;
@@ -426,6 +435,7 @@ fn io_case(
     let ops = lat.len();
     let elapsed = meter.t0.elapsed().as_secs_f64();
     let cost = meter.stop(ops);
+    let notes = f.fe.queues[1].notifications();
     lat.sort_unstable();
     let pct = |p: f64| {
         lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
@@ -442,6 +452,9 @@ fn io_case(
             / elapsed
             / f64::from(1 << 20))),
     );
+    let per = |n: u64| r2(n as f64 / ops.max(1) as f64);
+    o.insert("interrupts_per_op".into(), json!(per(notes.0 - notes0.0)));
+    o.insert("kicks_per_op".into(), json!(per(notes.1 - notes0.1)));
     o.insert("lat_p50_us".into(), json!(pct(0.5)));
     o.insert("lat_p99_us".into(), json!(pct(0.99)));
     Ok(v)
@@ -473,9 +486,13 @@ fn io(f: &mut Fuse, a: &Args) -> Result<(), String> {
                     qd,
                     seconds: a.seconds,
                 };
-                let r = io_case(f, a.pid, (data, fh), c, &slots)?;
                 let rw = if write { "write" } else { "read" };
-                cases.insert(format!("{rw}_{}k_qd{qd}", bs / 1024), r);
+                let name = format!("{rw}_{}k_qd{qd}", bs / 1024);
+                if a.case.as_ref().is_some_and(|only| *only != name) {
+                    continue;
+                }
+                let r = io_case(f, a.pid, (data, fh), c, &slots)?;
+                cases.insert(name, r);
             }
         }
     }
