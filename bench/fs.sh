@@ -91,6 +91,9 @@ prime_caches() {
 
 start_condition() { # CONDITION: wait for a quiet machine, then make it busy if asked
   wait_quiet
+  # This VM's kernel pages out memory idle for seconds (DAMON's pageout scheme), the share's
+  # page cache too: read the data file back so that no daemon's first case pays the disk.
+  cat "$share/data.bin" > /dev/null
   if [ "$1" = busy ]; then
     # A CPU-bound process the scheduler places as it likes, as an unrelated build would run.
     sh -c 'while :; do :; done' & busy_pid=$!

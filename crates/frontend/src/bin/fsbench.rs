@@ -324,10 +324,6 @@ struct Slot {
     rep: u64,
 }
 
-/// `qd` requests of `bs` bytes in flight for `seconds`, as the Linux driver lays them out:
-/// header and arguments in one device-readable descriptor, a WRITE's payload in the next, the
-/// reply header and a READ's data in two device-writable ones. Completions are collected and
-/// the slots refilled in batches, with one kick per batch.
 /// One case of the `io` phase.
 #[derive(Clone, Copy)]
 struct IoCase {
@@ -337,6 +333,11 @@ struct IoCase {
     seconds: f64,
 }
 
+/// `qd` requests of `bs` bytes in flight for `seconds`, as the Linux driver lays them out:
+/// header and arguments in one device-readable descriptor, a WRITE's payload in the next, the
+/// reply header and a READ's data in two device-writable ones. Each request is made available
+/// as it is submitted, with a kick if the device asked for one, as virtio-fs submits each
+/// request on its own (`virtio_fs_enqueue_req`); completions are collected as they come.
 fn io_case(
     f: &mut Fuse,
     pid: u32,
@@ -393,8 +394,8 @@ fn io_case(
     for (k, s) in slots[..qd].iter().enumerate() {
         let head = submit(f, s).ok_or("ring full")?;
         started.insert(head, (k, Instant::now()));
+        f.fe.queues[1].publish(&f.fe.mem);
     }
-    f.fe.queues[1].publish(&f.fe.mem);
     let mut errors = 0u64;
     while !started.is_empty() {
         let done = {
@@ -423,10 +424,8 @@ fn io_case(
             if more {
                 let head = submit(f, &slots[k]).ok_or("ring full")?;
                 started.insert(head, (k, Instant::now()));
+                f.fe.queues[1].publish(&f.fe.mem);
             }
-        }
-        if more {
-            f.fe.queues[1].publish(&f.fe.mem);
         }
     }
     if errors > 0 {
