@@ -36,7 +36,8 @@
 //!   [`Inode`] copy of a forgotten node reaches that node's link name, handle or fd only, never
 //!   another inode's.
 
-use std::collections::HashMap;
+// foldhash: the keys are ids the daemon hands out, not values a guest picks.
+use hashbrown::HashMap;
 use std::ffi::{CStr, CString};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};

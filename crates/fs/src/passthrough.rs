@@ -12,7 +12,8 @@
 //!
 //! All system calls are in [`crate::sys`]; this module has no `unsafe`.
 
-use std::collections::HashMap;
+// foldhash: the keys are ids the daemon hands out, not values a guest picks.
+use hashbrown::HashMap;
 use std::ffi::{CStr, CString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
