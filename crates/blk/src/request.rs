@@ -6,8 +6,8 @@
 
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 use vsnap_block::{BlockError, Disk};
-use vsnap_vhost::chain::Segments;
 pub use vsnap_vhost::chain::{gather, scatter, Seg};
+use vsnap_vhost::chain::{SegList, Segments};
 
 use crate::config::Limits;
 use crate::parse::{self, Header, Refused, Request, HEADER_LEN};
@@ -19,9 +19,9 @@ const CHUNK: usize = 1 << 20;
 /// A virtio-blk descriptor chain: the shared split, with the status byte taken off the end.
 #[derive(Debug, Default)]
 pub struct Chain {
-    pub readable: Vec<Seg>,
+    pub readable: SegList,
     /// Device-writable bytes, the status byte excluded.
-    pub writable: Vec<Seg>,
+    pub writable: SegList,
     pub status: Option<GuestAddress>,
     /// Why the chain is malformed, if it is.
     pub defect: Option<&'static str>,

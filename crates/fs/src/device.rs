@@ -14,11 +14,12 @@ use vsnap_vhost::queue::Chain;
 use vsnap_vhost::shell::GuestMem;
 use vsnap_vhost::{gather, scatter, Completion, Device, Faults, Segments};
 
+use smallvec::SmallVec;
 use zerocopy::IntoBytes;
 
 use crate::abi::{InHeader, OutHeader};
 use crate::guest_io::{self, GuestSink, GuestSource};
-use crate::server::{read_reply_header, DataRequest, Server, DATA_HEAD, MAX_REQUEST};
+use crate::server::{read_reply_header, DataRequest, Reply, Server, DATA_HEAD, MAX_REQUEST};
 use crate::sys::{self, Errno};
 
 /// virtio-fs config space: `tag[36]` and `num_request_queues` (virtio 1.3 §5.11.4).
@@ -88,20 +89,24 @@ pub fn run_chain(server: &Server, faults: &Faults, mem: &GuestMemoryMmap, segs: 
     // The head is read from guest memory once: the message `handle` decodes begins with the
     // very bytes `data_request` looked at, even if the guest has changed them since.
     let got = head.len();
-    let mut msg = Vec::with_capacity(len);
+    // Requests other than READ and WRITE are small (a name or two, a few structs): on the
+    // stack they cost no allocation; a large SETXATTR or a WRITE that is not a data request
+    // spills to the heap.
+    let mut msg = SmallVec::<[u8; 512]>::with_capacity(len);
     msg.extend_from_slice(head);
     msg.resize(len, 0);
     if !gather(mem, &segs.readable, got as u64, &mut msg[got..]) {
         faults.record("FUSE request unreadable");
         return 0;
     }
-    let handled = server.handle(&msg);
+    let mut reply = Reply::new();
+    let handled = server.handle(&msg, &mut reply);
     if let Some(f) = handled.fault {
         faults.record(f);
     }
-    let Some(reply) = handled.reply else {
+    if !handled.replied {
         return 0;
-    };
+    }
     reply_to(faults, mem, segs, InHeader::read_unique(&msg), &reply)
 }
 
@@ -151,7 +156,8 @@ fn data_chain(
             faults.record("FUSE request unreadable");
             return 0;
         };
-        let reply = server.write_direct(r, |fd, off| guest_io::pwritev(fd, &src, off));
+        let mut reply = Reply::new();
+        server.write_direct(r, |fd, off| guest_io::pwritev(fd, &src, off), &mut reply);
         return reply_to(faults, mem, segs, r.unique, &reply);
     }
     let hdr = size_of::<OutHeader>();

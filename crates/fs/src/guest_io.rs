@@ -13,11 +13,16 @@ use std::io;
 use std::marker::PhantomData;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
+use smallvec::SmallVec;
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vsnap_vhost::Seg;
 
 /// The kernel's limit on the iovecs of one call (`UIO_MAXIOV`); longer lists go in pieces.
 const IOV_MAX: usize = 1024;
+
+/// One entry per range of guest memory; a request's data is a few descriptors, held inline so
+/// that moving it costs no allocation.
+type PerRange<T> = SmallVec<[T; 4]>;
 
 /// Bytes `[skip, skip + len)` of the concatenation of `segs`, as guest address ranges, each
 /// split where guest memory regions end. `None` if the segments hold fewer bytes or a range
@@ -28,8 +33,8 @@ fn ranges<'m, T>(
     mut skip: u64,
     len: usize,
     mut each: impl FnMut(vm_memory::VolatileSlice<'m, ()>) -> T,
-) -> Option<Vec<T>> {
-    let mut out = Vec::with_capacity(segs.len());
+) -> Option<PerRange<T>> {
+    let mut out = PerRange::with_capacity(segs.len());
     let mut left = len as u64;
     for s in segs {
         if left == 0 {
@@ -105,10 +110,10 @@ impl Direction for OutOfGuest {}
 
 /// Bytes of guest memory the kernel moves in direction `D`, as the iovecs of one call.
 pub struct GuestBufs<'m, D: Direction> {
-    iov: Vec<libc::iovec>,
+    iov: PerRange<libc::iovec>,
     len: usize,
     /// Keep the pointers valid (they map nothing on this backend, but say so in the types).
-    _guards: Vec<D::Guard>,
+    _guards: PerRange<D::Guard>,
     _mem: PhantomData<&'m GuestMemoryMmap>,
 }
 

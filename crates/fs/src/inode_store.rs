@@ -217,13 +217,53 @@ impl DirFds {
 
 /// The name of the workdir link of inode number `ino` held as node `id`: unique among our
 /// links, and derived again whenever needed instead of stored with each inode.
-fn link_file_name(ino: u64, id: u64) -> CString {
-    CString::new(format!("{ino:x}.{id:x}")).expect("no NUL in hex")
+fn link_file_name(ino: u64, id: u64) -> LinkName {
+    LinkName::new(ino, id)
+}
+
+/// A workdir link's name, `{ino:x}.{id:x}`, built on the stack: it is made for every stat,
+/// open and unlink of a linked inode.
+#[derive(Clone, Copy)]
+pub struct LinkName {
+    /// Two numbers of at most 16 hex digits each, the dot and the NUL.
+    buf: [u8; 34],
+    len: usize,
+}
+
+impl LinkName {
+    fn new(ino: u64, id: u64) -> Self {
+        let mut n = LinkName {
+            buf: [0; 34],
+            len: 0,
+        };
+        n.push_hex(ino);
+        n.buf[n.len] = b'.';
+        n.len += 1;
+        n.push_hex(id);
+        n
+    }
+
+    fn push_hex(&mut self, v: u64) {
+        let digits = (64 - v.leading_zeros()).div_ceil(4).max(1) as usize;
+        for i in 0..digits {
+            let d = (v >> (4 * (digits - 1 - i))) & 0xf;
+            self.buf[self.len + i] = b"0123456789abcdef"[d as usize];
+        }
+        self.len += digits;
+    }
+
+    pub fn as_c_str(&self) -> &CStr {
+        CStr::from_bytes_with_nul(&self.buf[..=self.len]).expect("one NUL, at the end")
+    }
+
+    fn component(&self) -> Name<'_> {
+        Name::new(self.as_c_str()).expect("our link names are single components")
+    }
 }
 
 impl Inode {
     /// The name of this inode's workdir link (meaningful for [`Handle::Link`] only).
-    pub fn link_name(&self) -> CString {
+    pub fn link_name(&self) -> LinkName {
         link_file_name(self.key.1, self.id)
     }
 
@@ -674,11 +714,7 @@ impl InodeStore {
 
     fn link(&self, fd: &OwnedFd, ino: u64, id: u64) -> io::Result<()> {
         let name = link_file_name(ino, id);
-        sys::link_fd(
-            fd.as_fd(),
-            self.workdir.as_fd(),
-            Self::link_component(&name),
-        )
+        sys::link_fd(fd.as_fd(), self.workdir.as_fd(), name.component())
     }
 
     fn mount_fd(&self) -> io::Result<BorrowedFd<'_>> {
@@ -686,10 +722,6 @@ impl InodeStore {
             .as_ref()
             .map(|(fd, _)| fd.as_fd())
             .ok_or_else(|| io::Error::from_raw_os_error(libc::ESTALE))
-    }
-
-    fn link_component<'n>(name: &'n CString) -> Name<'n> {
-        Name::new(name).expect("our link names are single components")
     }
 
     /// An `O_PATH` fd for the inode: its own, or one opened through its link or handle.
@@ -712,7 +744,7 @@ impl InodeStore {
             }
             Handle::Link => {
                 let name = inode.link_name();
-                sys::open_path(self.workdir.as_fd(), Self::link_component(&name)).map(PathFd::Owned)
+                sys::open_path(self.workdir.as_fd(), name.component()).map(PathFd::Owned)
             }
         }
     }
@@ -725,7 +757,10 @@ impl InodeStore {
         f: impl FnOnce(&InodeAt<'_>) -> io::Result<T>,
     ) -> io::Result<T> {
         match &inode.handle {
-            Handle::Link => f(&InodeAt::link(self.workdir.as_fd(), &inode.link_name())),
+            Handle::Link => f(&InodeAt::link(
+                self.workdir.as_fd(),
+                inode.link_name().as_c_str(),
+            )),
             _ => {
                 let fd = self.path_fd(inode)?;
                 f(&InodeAt::proc(fd.as_fd()))
@@ -749,7 +784,7 @@ impl InodeStore {
         match &inode.handle {
             Handle::Link => {
                 let name = inode.link_name();
-                sys::openat(self.workdir.as_fd(), Self::link_component(&name), flags, 0)
+                sys::openat(self.workdir.as_fd(), name.component(), flags, 0)
             }
             Handle::Dir(h) => sys::open_by_handle(self.mount_fd()?, h, flags | libc::O_NOFOLLOW),
             Handle::Fd(fd) => sys::reopen(fd.as_fd(), flags),
@@ -762,7 +797,7 @@ impl InodeStore {
             Handle::Fd(_) | Handle::Dir(_) => sys::fstat(self.path_fd(inode)?.as_fd()),
             Handle::Link => {
                 let name = inode.link_name();
-                let mut st = sys::fstatat(self.workdir.as_fd(), Self::link_component(&name))?;
+                let mut st = sys::fstatat(self.workdir.as_fd(), name.component())?;
                 inode.hide_link(&mut st);
                 Ok(st)
             }
@@ -798,7 +833,7 @@ impl InodeStore {
 
     fn unlink(&self, ino: u64, id: u64) {
         let name = link_file_name(ino, id);
-        let _ = sys::unlinkat(self.workdir.as_fd(), Self::link_component(&name), 0);
+        let _ = sys::unlinkat(self.workdir.as_fd(), name.component(), 0);
     }
 
     /// BATCH_FORGET.
@@ -992,6 +1027,21 @@ mod tests {
             }
         );
         assert_eq!(entries(&work), 0, "every link removed");
+    }
+
+    #[test]
+    fn link_names_are_the_two_numbers_in_hex() {
+        for (ino, id) in [
+            (0, 0),
+            (1, 0x10),
+            (0xabc, 0xf),
+            (u64::MAX, u64::MAX),
+            (1 << 63, 7),
+        ] {
+            let n = LinkName::new(ino, id);
+            assert_eq!(n.as_c_str().to_str().unwrap(), format!("{ino:x}.{id:x}"));
+            assert_eq!(n.component().as_bytes(), n.as_c_str().to_bytes());
+        }
     }
 
     #[test]

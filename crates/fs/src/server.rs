@@ -6,6 +6,7 @@
 use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use smallvec::SmallVec;
 use zerocopy::{FromBytes, IntoBytes};
 
 use crate::abi::{self, init, opcode, InHeader, InitIn, InitOut, OutHeader, ReadIn};
@@ -31,12 +32,12 @@ pub struct DataRequest {
     pub arg: ReadIn,
 }
 
-/// What handling one message produced.
+/// What handling one message did.
 #[derive(Debug, Default)]
 pub struct Handled {
-    /// The reply (header included); `None` for FORGET, BATCH_FORGET, INTERRUPT and messages
+    /// Whether the message was answered: not FORGET, BATCH_FORGET, INTERRUPT, nor a message
     /// too short to carry a `unique`.
-    pub reply: Option<Vec<u8>>,
+    pub replied: bool,
     /// Set when the message was malformed or unknown: a label for the once-per-kind log.
     pub fault: Option<&'static str>,
 }
@@ -47,20 +48,35 @@ pub struct Server {
     minor: AtomicU32,
 }
 
-fn reply(unique: u64, r: Res<Vec<u8>>) -> Vec<u8> {
-    let (error, body) = match r {
-        Ok(b) => (0, b),
-        Err(Errno(e)) => (-e, Vec::new()),
+/// A reply, header included. Most bodies are one fixed-size struct (an entry, attributes, an
+/// open handle): the caller keeps the reply on its stack and the body is written into it in
+/// place, so answering costs no allocation and no copy but the one into guest memory.
+/// Directory listings, link targets and xattrs spill to the heap.
+pub type Reply = SmallVec<[u8; 256]>;
+
+const OUT_HEADER: usize = size_of::<OutHeader>();
+
+/// Makes `out` the room for a reply's header, the body to be appended after it.
+fn begin(out: &mut Reply) {
+    out.clear();
+    out.extend_from_slice(&[0; OUT_HEADER]);
+}
+
+/// Puts the header before the body appended since [`begin`], or makes the reply the error alone.
+fn end(out: &mut Reply, unique: u64, r: Res<()>) {
+    let error = match r {
+        Ok(()) => 0,
+        Err(Errno(e)) => {
+            out.truncate(OUT_HEADER);
+            -e
+        }
     };
     let h = OutHeader {
-        len: (size_of::<OutHeader>() + body.len()) as u32,
+        len: out.len() as u32,
         error,
         unique,
     };
-    let mut out = Vec::with_capacity(h.len as usize);
-    out.extend_from_slice(h.as_bytes());
-    out.extend_from_slice(&body);
-    out
+    out[..OUT_HEADER].copy_from_slice(h.as_bytes());
 }
 
 /// The header of a READ reply whose `read` bytes of data follow it (or of its error).
@@ -76,12 +92,14 @@ pub fn read_reply_header(unique: u64, read: Res<usize>) -> OutHeader {
     }
 }
 
-fn bytes<T: IntoBytes + zerocopy::Immutable>(r: Res<T>) -> Res<Vec<u8>> {
-    r.map(|v| v.as_bytes().to_vec())
+/// Appends the body a struct makes.
+fn put<T: IntoBytes + zerocopy::Immutable>(out: &mut Reply, r: Res<T>) -> Res<()> {
+    r.map(|v| out.extend_from_slice(v.as_bytes()))
 }
 
-fn empty(r: Res<()>) -> Res<Vec<u8>> {
-    r.map(|()| Vec::new())
+/// Appends a body the file system built on the heap (its size known only once built).
+fn put_vec(out: &mut Reply, r: Res<Vec<u8>>) -> Res<()> {
+    r.map(|v| out.extend_from_slice(&v))
 }
 
 impl Server {
@@ -102,19 +120,21 @@ impl Server {
         self.fs.reset();
     }
 
-    pub fn handle(&self, msg: &[u8]) -> Handled {
+    /// Handles `msg`, its reply (if it has one) left in `out`.
+    pub fn handle(&self, msg: &[u8], out: &mut Reply) -> Handled {
+        begin(out);
         let req = match decode(msg) {
             Ok(r) => r,
             Err(e @ DecodeError::NoHeader(_)) => {
                 return Handled {
-                    reply: None,
+                    replied: false,
                     fault: Some(fault_label(&e)),
                 }
             }
             Err(e) => {
-                let unique = InHeader::read_unique(msg);
+                end(out, InHeader::read_unique(msg), Err(Errno(e.errno())));
                 return Handled {
-                    reply: Some(reply(unique, Err(Errno(e.errno())))),
+                    replied: true,
                     fault: Some(fault_label(&e)),
                 };
             }
@@ -128,18 +148,22 @@ impl Server {
                 // Requests complete quickly and are not interruptible.
                 _ => {}
             }
-            return Handled { reply: None, fault };
+            return Handled {
+                replied: false,
+                fault,
+            };
         }
         let r = match (&req.op, self.minor.load(Ordering::SeqCst)) {
-            (Op::Init(i), _) => self.init(i),
+            (Op::Init(i), _) => put(out, self.init(i)),
             (_, 0) => Err(Errno(libc::EIO)),
             (op, _) if self.fs.config().readonly && changes_the_share(op) => {
                 Err(Errno(libc::EROFS))
             }
-            (op, _) => self.dispatch(&h, req.supp_group, op, &mut fault),
+            (op, _) => self.dispatch(&h, req.supp_group, op, &mut fault, out),
         };
+        end(out, h.unique, r);
         Handled {
-            reply: Some(reply(h.unique, r)),
+            replied: true,
             fault,
         }
     }
@@ -187,16 +211,19 @@ impl Server {
     }
 
     /// A WRITE from [`Server::data_request`]: `write(fd, offset)` writes the `arg.size` bytes
-    /// of data from where they are. Returns the whole reply.
+    /// of data from where they are. The reply is left in `out`.
     pub fn write_direct(
         &self,
         r: &DataRequest,
         write: impl FnOnce(BorrowedFd<'_>, u64) -> std::io::Result<usize>,
-    ) -> Vec<u8> {
-        reply(r.unique, bytes(self.fs.write_with(r.nodeid, &r.arg, write)))
+        out: &mut Reply,
+    ) {
+        begin(out);
+        let w = put(out, self.fs.write_with(r.nodeid, &r.arg, write));
+        end(out, r.unique, w);
     }
 
-    fn init(&self, i: &InitIn) -> Res<Vec<u8>> {
+    fn init(&self, i: &InitIn) -> Res<InitOut> {
         if i.major != abi::KERNEL_VERSION || i.minor < abi::MIN_MINOR_VERSION {
             tracing::warn!(major = i.major, minor = i.minor, "unsupported FUSE version");
             return Err(Errno(libc::EPROTO));
@@ -253,7 +280,7 @@ impl Server {
             flags2: (flags >> 32) as u32,
             unused: [0; 7],
         };
-        Ok(out.as_bytes().to_vec())
+        Ok(out)
     }
 
     fn dispatch(
@@ -262,7 +289,8 @@ impl Server {
         supp_group: Option<u32>,
         op: &Op<'_>,
         fault: &mut Option<&'static str>,
-    ) -> Res<Vec<u8>> {
+        out: &mut Reply,
+    ) -> Res<()> {
         let fs = &self.fs;
         let c = Caller {
             uid: h.uid,
@@ -276,48 +304,48 @@ impl Server {
             }
             Op::Destroy => {
                 self.reset();
-                Ok(Vec::new())
+                Ok(())
             }
-            Op::Lookup(name) => bytes(fs.lookup(n, name)),
-            Op::Getattr(_) => bytes(fs.getattr(n)),
-            Op::Setattr(a) => bytes(fs.setattr(n, a)),
-            Op::Readlink => fs.readlink(n),
-            Op::Symlink { name, target } => bytes(fs.symlink(c, n, name, target)),
-            Op::Mknod { arg, name } => bytes(fs.mknod(c, n, arg, name)),
-            Op::Mkdir { arg, name } => bytes(fs.mkdir(c, n, arg, name)),
-            Op::Unlink(name) => empty(fs.unlink(n, name)),
-            Op::Rmdir(name) => empty(fs.rmdir(n, name)),
+            Op::Lookup(name) => put(out, fs.lookup(n, name)),
+            Op::Getattr(_) => put(out, fs.getattr(n)),
+            Op::Setattr(a) => put(out, fs.setattr(n, a)),
+            Op::Readlink => put_vec(out, fs.readlink(n)),
+            Op::Symlink { name, target } => put(out, fs.symlink(c, n, name, target)),
+            Op::Mknod { arg, name } => put(out, fs.mknod(c, n, arg, name)),
+            Op::Mkdir { arg, name } => put(out, fs.mkdir(c, n, arg, name)),
+            Op::Unlink(name) => fs.unlink(n, name),
+            Op::Rmdir(name) => fs.rmdir(n, name),
             Op::Rename {
                 newdir,
                 flags,
                 old,
                 new,
-            } => empty(fs.rename(n, old, *newdir, new, *flags)),
-            Op::Link { old, name } => bytes(fs.link(c, *old, n, name)),
-            Op::Open(a) => bytes(fs.open(n, a)),
-            Op::Create { arg, name } => fs.create(c, n, arg, name).map(pair),
-            Op::Tmpfile(arg) => fs.tmpfile(c, n, arg).map(pair),
+            } => fs.rename(n, old, *newdir, new, *flags),
+            Op::Link { old, name } => put(out, fs.link(c, *old, n, name)),
+            Op::Open(a) => put(out, fs.open(n, a)),
+            Op::Create { arg, name } => put_pair(out, fs.create(c, n, arg, name)),
+            Op::Tmpfile(arg) => put_pair(out, fs.tmpfile(c, n, arg)),
             Op::Read(a) if a.size > MAX_WRITE => Err(Errno(libc::EINVAL)),
-            Op::Read(a) => fs.read(n, a),
-            Op::Write { arg, data } => bytes(fs.write(n, arg, data)),
-            Op::Flush(a) => empty(fs.flush(n, a.fh)),
-            Op::Release(a) => empty(fs.release(n, a.fh)),
-            Op::Fsync(a) => empty(fs.fsync(n, a.fh, a.fsync_flags & 1 != 0)),
-            Op::Fallocate(a) => empty(fs.fallocate(n, a)),
-            Op::Lseek(a) => bytes(fs.lseek(n, a)),
-            Op::CopyFileRange(a) => bytes(fs.copy_file_range(n, a)),
-            Op::Statfs => bytes(fs.statfs(n)),
-            Op::Syncfs => empty(fs.syncfs()),
-            Op::Access(a) => empty(fs.access(n, a.mask)),
-            Op::Setxattr { arg, name, value } => empty(fs.setxattr(n, arg, name, value)),
-            Op::Getxattr { arg, name } => xattr_reply(fs.getxattr(n, Some(name), arg.size)),
-            Op::Listxattr(arg) => xattr_reply(fs.getxattr(n, None, arg.size)),
-            Op::Removexattr(name) => empty(fs.removexattr(n, name)),
-            Op::Opendir(_) => bytes(fs.opendir(n)),
-            Op::Readdir(a) => fs.readdir(n, a, false, MAX_WRITE as usize),
-            Op::Readdirplus(a) => fs.readdir(n, a, true, MAX_WRITE as usize),
-            Op::Releasedir(a) => empty(fs.releasedir(n, a.fh)),
-            Op::Fsyncdir(a) => empty(fs.fsyncdir(n, a.fh, a.fsync_flags & 1 != 0)),
+            Op::Read(a) => put_vec(out, fs.read(n, a)),
+            Op::Write { arg, data } => put(out, fs.write(n, arg, data)),
+            Op::Flush(a) => fs.flush(n, a.fh),
+            Op::Release(a) => fs.release(n, a.fh),
+            Op::Fsync(a) => fs.fsync(n, a.fh, a.fsync_flags & 1 != 0),
+            Op::Fallocate(a) => fs.fallocate(n, a),
+            Op::Lseek(a) => put(out, fs.lseek(n, a)),
+            Op::CopyFileRange(a) => put(out, fs.copy_file_range(n, a)),
+            Op::Statfs => put(out, fs.statfs(n)),
+            Op::Syncfs => fs.syncfs(),
+            Op::Access(a) => fs.access(n, a.mask),
+            Op::Setxattr { arg, name, value } => fs.setxattr(n, arg, name, value),
+            Op::Getxattr { arg, name } => put_xattr(out, fs.getxattr(n, Some(name), arg.size)),
+            Op::Listxattr(arg) => put_xattr(out, fs.getxattr(n, None, arg.size)),
+            Op::Removexattr(name) => fs.removexattr(n, name),
+            Op::Opendir(_) => put(out, fs.opendir(n)),
+            Op::Readdir(a) => put_vec(out, fs.readdir(n, a, false, MAX_WRITE as usize)),
+            Op::Readdirplus(a) => put_vec(out, fs.readdir(n, a, true, MAX_WRITE as usize)),
+            Op::Releasedir(a) => fs.releasedir(n, a.fh),
+            Op::Fsyncdir(a) => fs.fsyncdir(n, a.fh, a.fsync_flags & 1 != 0),
             Op::Unsupported(code) => {
                 if !known_unsupported(*code) {
                     *fault = Some("unknown FUSE opcode");
@@ -356,17 +384,20 @@ fn changes_the_share(op: &Op<'_>) -> bool {
     }
 }
 
-fn pair((e, o): (abi::EntryOut, abi::OpenOut)) -> Vec<u8> {
-    let mut v = e.as_bytes().to_vec();
-    v.extend_from_slice(o.as_bytes());
-    v
+fn put_pair(out: &mut Reply, r: Res<(abi::EntryOut, abi::OpenOut)>) -> Res<()> {
+    r.map(|(e, o)| {
+        out.extend_from_slice(e.as_bytes());
+        out.extend_from_slice(o.as_bytes());
+    })
 }
 
-fn xattr_reply(r: Res<Result<Vec<u8>, u32>>) -> Res<Vec<u8>> {
-    r.map(|v| match v {
-        Ok(bytes) => bytes,
-        Err(size) => abi::GetxattrOut { size, padding: 0 }.as_bytes().to_vec(),
-    })
+/// An xattr's value (or the list of names), or the size it would take.
+fn put_xattr(out: &mut Reply, r: Res<Result<Vec<u8>, u32>>) -> Res<()> {
+    match r? {
+        Ok(bytes) => out.extend_from_slice(&bytes),
+        Err(size) => out.extend_from_slice(abi::GetxattrOut { size, padding: 0 }.as_bytes()),
+    }
+    Ok(())
 }
 
 /// Opcodes the protocol defines that vsnap answers with ENOSYS on purpose (the guest then

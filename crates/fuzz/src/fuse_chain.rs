@@ -51,7 +51,7 @@ use vsnap_fs::abi::{opcode::*, *};
 use vsnap_fs::device::run_chain;
 use vsnap_fs::passthrough::{FsConfig, Passthrough};
 use vsnap_fs::request::Op;
-use vsnap_fs::server::{Server, DATA_HEAD, MAX_REQUEST};
+use vsnap_fs::server::{Reply, Server, DATA_HEAD, MAX_REQUEST};
 use vsnap_vhost::{gather, Faults, Seg, Segments};
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -226,7 +226,8 @@ impl Session {
         let server = Server::new(fs);
         let ok = |opcode, nodeid, args: &[&[u8]]| {
             let m = message(header(opcode, nodeid, 1), args);
-            let r = server.handle(&m).reply.expect("a reply");
+            let mut r = Reply::new();
+            assert!(server.handle(&m, &mut r).replied, "a reply");
             let (h, body) = OutHeader::read_from_prefix(&r).expect("reply header");
             assert_eq!(h.error, 0, "setup opcode {opcode} failed");
             body.to_vec()

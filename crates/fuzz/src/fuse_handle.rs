@@ -30,7 +30,7 @@ use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 
 use vsnap_fs::abi::{opcode::*, *};
 use vsnap_fs::passthrough::{FsConfig, Passthrough};
-use vsnap_fs::server::{Handled, Server};
+use vsnap_fs::server::{Handled, Reply, Server};
 use zerocopy::{FromBytes, IntoBytes};
 
 use crate::fuse_decode::{header, message};
@@ -401,19 +401,21 @@ impl Session {
 
     /// Sends one message, checks the reply, and learns the ids it hands out.
     fn send(&mut self, msg: &[u8]) -> Option<Vec<u8>> {
-        let Handled { reply, .. } = self.server.handle(msg);
+        let mut reply = Reply::new();
+        let Handled { replied, .. } = self.server.handle(msg, &mut reply);
         let Some((h, _)) = InHeader::read_from_prefix(msg).ok() else {
-            assert!(reply.is_none(), "a reply to a message without a header");
+            assert!(!replied, "a reply to a message without a header");
             return None;
         };
-        let Some(reply) = reply else {
+        let reply = reply.into_vec();
+        if !replied {
             assert!(
                 matches!(h.opcode, FORGET | BATCH_FORGET | INTERRUPT),
                 "no reply to opcode {}",
                 h.opcode
             );
             return None;
-        };
+        }
         let (oh, body) = OutHeader::read_from_prefix(&reply).expect("a reply has a header");
         assert_eq!(oh.len as usize, reply.len(), "reply length field");
         assert_eq!(oh.unique, h.unique, "reply unique");

@@ -25,7 +25,7 @@ pub mod queue;
 pub mod server;
 pub mod shell;
 
-pub use chain::{gather, scatter, Seg, Segments};
+pub use chain::{gather, scatter, Seg, SegList, Segments};
 pub use faults::Faults;
 pub use server::{serve, serve_listener, ServeError, Stopper};
 pub use shell::{Completion, Device, Shell};

@@ -91,3 +91,31 @@ pub fn has_avail(vring: &VringRwLock, mem: &GuestMemoryMmap) -> bool {
         && q.avail_idx(mem, Ordering::Acquire)
             .is_ok_and(|idx| idx.0 != q.next_avail())
 }
+
+// The vring's own notification calls load the memory map (an `ArcSwap`) on every call; a worker
+// round already holds it. These take the map the caller holds, as `pop` does.
+
+/// Asks the driver to kick again. Whether it made chains available meanwhile (the caller then
+/// takes them instead of sleeping).
+pub fn enable_notification(
+    vring: &VringRwLock,
+    mem: &GuestMemoryMmap,
+) -> Result<bool, virtio_queue::Error> {
+    vring.get_mut().get_queue_mut().enable_notification(mem)
+}
+
+/// Tells the driver it need not kick while the caller takes chains.
+pub fn disable_notification(
+    vring: &VringRwLock,
+    mem: &GuestMemoryMmap,
+) -> Result<(), virtio_queue::Error> {
+    vring.get_mut().get_queue_mut().disable_notification(mem)
+}
+
+/// Whether the driver asked for an interrupt for what was used since the last one.
+pub fn needs_notification(
+    vring: &VringRwLock,
+    mem: &GuestMemoryMmap,
+) -> Result<bool, virtio_queue::Error> {
+    vring.get_mut().get_queue_mut().needs_notification(mem)
+}

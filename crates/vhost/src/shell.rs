@@ -265,7 +265,7 @@ impl Completion {
         // Marked before looking, so a drain that ends after our look still sees the mark.
         ctl.deferred.store(true, Ordering::SeqCst);
         if !ctl.draining.load(Ordering::SeqCst) || ctl.early.load(Ordering::Relaxed) {
-            signal(&self.vring);
+            signal(&self.vring, self.vring.needs_notification());
         }
     }
 }
@@ -282,8 +282,9 @@ impl Drop for Completion {
     }
 }
 
-fn signal(vring: &VringRwLock) {
-    match vring.needs_notification() {
+/// Interrupts the driver if `needed` (its answer to whether it asked to be) says so.
+fn signal(vring: &VringRwLock, needed: Result<bool, virtio_queue::Error>) {
+    match needed {
         Ok(true) => {
             if let Err(e) = vring.signal_used_queue() {
                 tracing::warn!(error = %e, "signalling the guest");
@@ -405,7 +406,7 @@ impl<D: Device> Shell<D> {
             }
         } else if ctl.deferred.swap(false, Ordering::SeqCst) {
             // A completion made on another thread after our last signal left it to us.
-            signal(vring);
+            signal(vring, vring.needs_notification());
         }
         r
     }
@@ -436,7 +437,7 @@ impl<D: Device> Shell<D> {
                 }
             };
             if event_idx {
-                vring.disable_notification().map_err(queue::to_io)?;
+                queue::disable_notification(vring, &guest).map_err(queue::to_io)?;
             }
             // Early signals only with EVENT_IDX, where the driver says which completion it
             // waits for (without it every completion would interrupt the guest), and only for
@@ -446,7 +447,13 @@ impl<D: Device> Shell<D> {
             let early = batch && worker.pacing.early_signals();
             ctl.early.store(false, Ordering::Relaxed);
             let preempted_before = early.then(preemptions);
-            while !stopping() {
+            // The chains counted above and no more: popping past them would only read the ring
+            // again to find it empty. Later ones are found below, by the look or by turning
+            // notifications back on (or, without EVENT_IDX, by the driver's kick).
+            for _ in 0..available {
+                if stopping() {
+                    break;
+                }
                 let Some(chain) = queue::pop(vring, &guest) else {
                     break;
                 };
@@ -476,7 +483,7 @@ impl<D: Device> Shell<D> {
             }
             // This signal covers every completion so far, this thread's and others'.
             ctl.deferred.store(false, Ordering::SeqCst);
-            signal(vring);
+            signal(vring, queue::needs_notification(vring, &guest));
             if batch {
                 worker
                     .pacing
@@ -491,7 +498,7 @@ impl<D: Device> Shell<D> {
             if self.look(worker, vring, &guest, looked) {
                 continue;
             }
-            if !vring.enable_notification().map_err(queue::to_io)? {
+            if !queue::enable_notification(vring, &guest).map_err(queue::to_io)? {
                 worker.idle_since = Some(looked);
                 return Ok(());
             }
