@@ -68,11 +68,12 @@ fmt:
 	$(CARGO) fmt --all
 
 # Block-layer micro benchmarks, then vsnap vs qemu-storage-daemon and vsnap fs vs virtiofsd
-# through the project's own frontends.
+# through the project's own frontends, and the instructions vsnap fs spends per request.
 bench:
 	$(CARGO) bench -p vsnap-block --bench block
 	bench/blk.sh
 	bench/fs.sh
+	bench/fs-instructions.sh
 
 # Diff economy: every workload x ext4 knob in a real guest (docs/diff-economy.md), ~15 min.
 economy:
