@@ -3,8 +3,12 @@
 //! virtiofsd keeps one `O_PATH` fd per inode the guest has looked up, so a guest that caches a
 //! large tree exhausts the daemon's fds. Here a non-directory is instead held by a hard link in a
 //! private workdir on the same file system: `linkat("/proc/self/fd/N", AT_SYMLINK_FOLLOW)` needs
-//! no capability, the fd is closed at once, and the inode is reopened through the link when
-//! needed. The link is removed when the guest forgets the inode.
+//! no capability, the fd is closed once the link is made, and the inode is reopened through the
+//! link when needed. The link is removed when the guest forgets the inode.
+//!
+//! A new inode is not linked at once: the newest [`YOUNG_FDS`] are held by their fd, and the
+//! oldest of them is linked as a newer one comes, so a short-lived file
+//! (made, used, removed and forgotten) costs no link and no unlink.
 //!
 //! Fallbacks, per inode: directories cannot be hard-linked and are held by fd (they are few);
 //! inodes on another file system than the workdir (a mount below the share) and inodes the kernel
@@ -38,6 +42,7 @@
 
 // foldhash: the keys are ids the daemon hands out, not values a guest picks.
 use hashbrown::HashMap;
+use std::collections::VecDeque;
 use std::ffi::{CStr, CString};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -165,6 +170,14 @@ impl AsFd for PathFd<'_> {
         }
     }
 }
+
+/// How many new inodes a workdir store holds by their `O_PATH` fd before it links the oldest
+/// of them into the workdir. Linking costs two directory changes (the link, and its unlink at
+/// the forget), which make a first lookup dearer than an fd-holding daemon's; a file made and
+/// removed while still among the newest [`YOUNG_FDS`] (a build's temporary files, a test's
+/// scratch files) never costs them: its forget just closes its fd. Holding a tree still costs
+/// a bounded handful of fds.
+pub const YOUNG_FDS: usize = 64;
 
 /// How many directories held by file handle keep an open `O_PATH` fd ([`DirFds`]): enough for
 /// the directories of a path walk 64 levels deep (a walk deeper than the cache misses it at
@@ -297,6 +310,8 @@ pub struct StoreCounts {
     pub links: usize,
     pub handles: usize,
     pub fds: usize,
+    /// Of `fds`: the young inodes, held by fd until they are linked ([`YOUNG_FDS`]).
+    pub young: usize,
 }
 
 pub struct InodeStore {
@@ -316,7 +331,12 @@ pub struct InodeStore {
     /// finding a node and counting the lookup. Taken before the table's lock and the dir fd
     /// cache's; those two are never held together but for the cache's lock taken first
     /// (`path_fd`).
-    keys: Mutex<()>,
+    /// It guards the young inodes' order too (oldest first; see [`YOUNG_FDS`]): adopting and
+    /// settling them decide how the table holds inodes. Ids forgotten meanwhile stay in it
+    /// until they reach its front.
+    keys: Mutex<VecDeque<u64>>,
+    /// How many young inodes are held by fd ([`YOUNG_FDS`]; 0: linked at once).
+    young_fds: usize,
     /// The inodes; its lock is held for memory work only, never across a system call. The
     /// [`Inode`] copies share it to read their lookup counts.
     table: Arc<Shared>,
@@ -419,6 +439,13 @@ impl InodeStore {
         Self::with_mode(workdir, root, StoreMode::Workdir)
     }
 
+    /// Holds at most `n` young inodes by fd instead of [`YOUNG_FDS`]; 0 links every linkable
+    /// inode as it is adopted.
+    pub fn with_young_fds(mut self, n: usize) -> Self {
+        self.young_fds = n;
+        self
+    }
+
     pub fn with_mode(workdir: &Path, root: OwnedFd, mode: StoreMode) -> Result<Self, StoreError> {
         let err = |source| StoreError::Workdir {
             path: workdir.display().to_string(),
@@ -467,7 +494,8 @@ impl InodeStore {
             workdir: dir,
             workdir_key: (st.st_dev, st.st_ino),
             workdir_entry,
-            keys: Mutex::new(()),
+            keys: Mutex::new(VecDeque::with_capacity(YOUNG_FDS + 1)),
+            young_fds: YOUNG_FDS,
             table: Arc::new(RwLock::new(table)),
             dir_fds: Mutex::new(DirFds::default()),
         })
@@ -481,7 +509,7 @@ impl InodeStore {
         self.table.write().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn keys(&self) -> MutexGuard<'_, ()> {
+    fn keys(&self) -> MutexGuard<'_, VecDeque<u64>> {
         self.keys.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -639,7 +667,7 @@ impl InodeStore {
         if key == self.workdir_key {
             return Err(io::Error::from_raw_os_error(libc::ENOENT).into());
         }
-        let keys = self.keys();
+        let mut keys = self.keys();
         if let Some(inode) = self.find(key) {
             if Self::same_inode(&inode, &fd, &st) {
                 self.table_mut().add_lookups(inode.id, 1);
@@ -674,32 +702,19 @@ impl InodeStore {
         let slot = self.table_mut().reserve(key)?;
         let id = slot.id();
         let mut dir_fd = None;
-        let (rare, ctimes) = if let Some(h) = dir_handle {
+        // A linkable inode starts young: held by its fd, linked once YOUNG_FDS newer ones came.
+        let rare = if let Some(h) = dir_handle {
             dir_fd = Some(fd);
-            (Some(Rare::Dir(Arc::new(h))), None)
-        } else if linkable {
-            match self.link(&fd, st.st_ino, id) {
-                Ok(()) => {
-                    let after = sys::fstat(fd.as_fd())
-                        .map(|a| ctime(&a))
-                        .unwrap_or_default();
-                    (None, Some((ctime(&st), after)))
-                }
-                Err(e) => {
-                    // EPERM (protected_hardlinks for an unprivileged daemon), …
-                    tracing::debug!(error = %e, "holding inode by fd");
-                    (Some(Rare::Fd(Arc::new(fd))), None)
-                }
-            }
+            Rare::Dir(Arc::new(h))
         } else {
-            (Some(Rare::Fd(Arc::new(fd))), None)
+            Rare::Fd(Arc::new(fd))
         };
-        let entry = self.table_mut().fill(
+        let mut entry = self.table_mut().fill(
             slot,
             NewRecord {
                 kind,
-                ctimes,
-                rare,
+                ctimes: None,
+                rare: Some(rare),
                 lookups: 1,
             },
         );
@@ -707,9 +722,63 @@ impl InodeStore {
             // Under the key lock: a forget of this node cannot run before it is cached.
             self.dir_fds().insert(id, Arc::new(fd));
         }
+        if linkable {
+            drop(entry);
+            keys.push_back(id);
+            self.settle_oldest(&mut keys);
+            // The record as it is now: linked already if no young inode is kept. Under the key
+            // lock, so no forget ran in between.
+            entry = self.table().get(id).expect("live under the key lock");
+        }
         drop(keys);
-        // `st` is from before the link: already what the guest should see.
+        // `st` is from before any link: already what the guest should see.
         Ok((self.inode(entry), st))
+    }
+
+    /// Links the oldest young inodes into the workdir until at most `young_fds` are left,
+    /// skipping ids forgotten meanwhile. One that a request is using now (a copy of it is out)
+    /// waits for the next turn: settled under that request, its `stat` through the fd would
+    /// show our link. (A request that takes its copy while the link is being made may still
+    /// see it once.) Under the key lock, whose guard holds the young ids.
+    fn settle_oldest(&self, young: &mut VecDeque<u64>) {
+        let mut busy = Vec::new();
+        while young.len() + busy.len() > self.young_fds {
+            let Some(id) = young.pop_front() else { break };
+            let Some(entry) = self.table().get(id) else {
+                continue;
+            };
+            let Some(Rare::Fd(fd)) = entry.rare else {
+                continue;
+            };
+            // Ours, and the table's.
+            if Arc::strong_count(&fd) > 2 {
+                busy.push(id);
+                continue;
+            }
+            self.settle(id, entry.key.1, &fd);
+        }
+        // Oldest still: first in line next time.
+        for id in busy.into_iter().rev() {
+            young.push_front(id);
+        }
+    }
+
+    /// Holds the young inode `id` (inode number `ino`, open as `fd`) by a workdir link from now
+    /// on, its fd closed. One the kernel refuses to link (removed since, so no name is left to
+    /// link; EPERM from `protected_hardlinks` for an unprivileged daemon) stays held by its fd.
+    fn settle(&self, id: u64, ino: u64, fd: &OwnedFd) {
+        let Ok(before) = sys::fstat(fd.as_fd()) else {
+            return;
+        };
+        if let Err(e) = self.link(fd, ino, id) {
+            tracing::debug!(error = %e, "holding inode by fd");
+            return;
+        }
+        let after = sys::fstat(fd.as_fd())
+            .map(|a| ctime(&a))
+            .unwrap_or_default();
+        // The fd the table held closes as our copy goes.
+        self.table_mut().settle(id, Some((ctime(&before), after)));
     }
 
     fn link(&self, fd: &OwnedFd, ino: u64, id: u64) -> io::Result<()> {
@@ -844,6 +913,7 @@ impl InodeStore {
     }
 
     pub fn counts(&self) -> StoreCounts {
+        let young = self.keys();
         let t = self.table();
         let mut c = StoreCounts {
             inodes: t.len(),
@@ -857,6 +927,13 @@ impl InodeStore {
         }
         // What has no rare part is held by its link.
         c.links = c.inodes - c.handles - c.fds;
+        c.young = young
+            .iter()
+            .filter(|&&id| {
+                t.get(id)
+                    .is_some_and(|e| matches!(e.rare, Some(Rare::Fd(_))))
+            })
+            .count();
         c
     }
 }
@@ -918,11 +995,68 @@ mod tests {
     }
 
     #[test]
+    fn new_inodes_are_held_by_fd_until_enough_newer_ones_came() {
+        let (_t, share, work) = setup(None);
+        let n = YOUNG_FDS + 3;
+        for i in 0..n {
+            std::fs::write(share.join(format!("f{i}")), format!("{i}")).unwrap();
+        }
+        let s = InodeStore::new(&work, open_dir(&share)).unwrap();
+        let root = s.get(ROOT_ID).unwrap();
+        // Young: an fd, no link, nothing to hide.
+        let first = lookup(&s, &root, "f0").unwrap();
+        assert!(matches!(first.handle, Handle::Fd(_)));
+        assert_eq!(entries(&work), 0);
+        assert_eq!(s.stat(&first).unwrap().st_nlink, 1);
+        // A young inode the guest forgets leaves nothing: no link was made, its fd closes.
+        s.forget(first.id, 1);
+        assert_eq!((entries(&work), s.counts().inodes), (0, 1));
+        // The oldest beyond YOUNG_FDS are linked; while a request uses one it waits.
+        let held: Vec<Inode> = (1..=YOUNG_FDS)
+            .map(|i| lookup(&s, &root, &format!("f{i}")).unwrap())
+            .collect();
+        let busy = s.get(held[0].id).unwrap();
+        drop(held);
+        let newest = lookup(&s, &root, &format!("f{}", YOUNG_FDS + 1)).unwrap();
+        assert!(matches!(newest.handle, Handle::Fd(_)));
+        assert_eq!(entries(&work), 1, "f2 linked in place of the busy f1");
+        assert!(matches!(
+            s.get(held_id(&s, "f2")).unwrap().handle,
+            Handle::Link
+        ));
+        drop(busy);
+        lookup(&s, &root, &format!("f{}", YOUNG_FDS + 2)).unwrap();
+        let f1 = s.get(held_id(&s, "f1")).unwrap();
+        assert!(matches!(f1.handle, Handle::Link), "f1 linked once free");
+        assert_eq!(entries(&work), 2);
+        let c = s.counts();
+        assert_eq!((c.links, c.fds), (2, 1 + YOUNG_FDS));
+        // Settled, it reads and stats as before: our link hidden.
+        let st = s.stat(&f1).unwrap();
+        assert_eq!(st.st_nlink, 1);
+        assert_eq!(read_all(s.open(&f1, libc::O_RDONLY).unwrap()), "1");
+        // Forgetting a settled inode removes its link.
+        s.forget(f1.id, 1);
+        assert_eq!(entries(&work), 1);
+    }
+
+    /// The id of the node `name` (in the share's root) is known under.
+    fn held_id(s: &InodeStore, name: &str) -> u64 {
+        let root = s.get(ROOT_ID).unwrap();
+        let c = CString::new(name).unwrap();
+        let dir = s.path_fd(&root).unwrap();
+        let st = sys::fstatat(dir.as_fd(), Name::new(&c).unwrap()).unwrap();
+        s.table().find((st.st_dev, st.st_ino)).expect("held")
+    }
+
+    #[test]
     fn a_forgotten_node_is_unknown_after_its_slot_is_reused() {
         let (_t, share, work) = setup(None);
         std::fs::write(share.join("a"), b"a").unwrap();
         std::fs::write(share.join("b"), b"b").unwrap();
-        let s = InodeStore::new(&work, open_dir(&share)).unwrap();
+        let s = InodeStore::new(&work, open_dir(&share))
+            .unwrap()
+            .with_young_fds(0);
         let root = s.get(ROOT_ID).unwrap();
         assert_eq!((root.id, root.is_dir), (ROOT_ID, true));
         let a = lookup(&s, &root, "a").unwrap();
@@ -952,7 +1086,9 @@ mod tests {
             let (_t, share, work) = setup(share_in);
             std::fs::write(share.join("old"), b"old").unwrap();
             std::fs::write(share.join("new"), b"new").unwrap();
-            let s = InodeStore::new(&work, open_dir(&share)).unwrap();
+            let s = InodeStore::new(&work, open_dir(&share))
+                .unwrap()
+                .with_young_fds(0);
             let root = s.get(ROOT_ID).unwrap();
             let old = lookup(&s, &root, "old").unwrap();
             let linked = matches!(old.handle, Handle::Link);
@@ -992,41 +1128,47 @@ mod tests {
             std::fs::write(share.join(n), n).unwrap();
         }
         std::fs::create_dir(share.join("d")).unwrap();
-        let s = InodeStore::new(&work, open_dir(&share)).unwrap();
-        let root = s.get(ROOT_ID).unwrap();
-        std::thread::scope(|t| {
-            for k in 0..4 {
-                let (s, root, names, share) = (&s, &root, &names, &share);
-                t.spawn(move || {
-                    for round in 0..3000 {
-                        let name = if round % 5 == 0 {
-                            "d"
-                        } else {
-                            &names[(round + k) % names.len()]
-                        };
-                        let i = lookup(s, root, name).unwrap();
-                        // Whatever raced with it, the node is the inode behind the name.
-                        let st = s.stat(&i).unwrap();
-                        let host = std::fs::symlink_metadata(share.join(name)).unwrap();
-                        assert_eq!(st.st_ino, std::os::unix::fs::MetadataExt::ino(&host));
-                        if name != "d" {
-                            assert_eq!(read_all(s.open(&i, libc::O_RDONLY).unwrap()), name);
+        // Linked at once, and held by fd while young.
+        for young in [0, YOUNG_FDS] {
+            let s = InodeStore::new(&work, open_dir(&share))
+                .unwrap()
+                .with_young_fds(young);
+            let root = s.get(ROOT_ID).unwrap();
+            std::thread::scope(|t| {
+                for k in 0..4 {
+                    let (s, root, names, share) = (&s, &root, &names, &share);
+                    t.spawn(move || {
+                        for round in 0..3000 {
+                            let name = if round % 5 == 0 {
+                                "d"
+                            } else {
+                                &names[(round + k) % names.len()]
+                            };
+                            let i = lookup(s, root, name).unwrap();
+                            // Whatever raced with it, the node is the inode behind the name.
+                            let st = s.stat(&i).unwrap();
+                            let host = std::fs::symlink_metadata(share.join(name)).unwrap();
+                            assert_eq!(st.st_ino, std::os::unix::fs::MetadataExt::ino(&host));
+                            if name != "d" {
+                                assert_eq!(read_all(s.open(&i, libc::O_RDONLY).unwrap()), name);
+                            }
+                            s.forget(i.id, 1);
                         }
-                        s.forget(i.id, 1);
-                    }
-                });
-            }
-        });
-        assert_eq!(
-            s.counts(),
-            StoreCounts {
-                inodes: 1,
-                links: 0,
-                handles: 0,
-                fds: 1
-            }
-        );
-        assert_eq!(entries(&work), 0, "every link removed");
+                    });
+                }
+            });
+            assert_eq!(
+                s.counts(),
+                StoreCounts {
+                    inodes: 1,
+                    links: 0,
+                    handles: 0,
+                    fds: 1,
+                    young: 0,
+                }
+            );
+            assert_eq!(entries(&work), 0, "every link removed");
+        }
     }
 
     #[test]
@@ -1052,7 +1194,9 @@ mod tests {
             std::fs::write(share.join(format!("f{i}")), b"").unwrap();
         }
         std::fs::create_dir(share.join("d")).unwrap();
-        let s = InodeStore::new(&work, open_dir(&share)).unwrap();
+        let s = InodeStore::new(&work, open_dir(&share))
+            .unwrap()
+            .with_young_fds(0);
         let root = s.get(ROOT_ID).unwrap();
         let empty = s.table_bytes();
         for i in 0..n {

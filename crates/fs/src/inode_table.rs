@@ -337,6 +337,23 @@ impl<R> Table<R> {
         Some(Removed { key, rare })
     }
 
+    /// The live record `id` is held by a link from now on: its rare part (the fd that held it)
+    /// leaves the side map and is returned, and it keeps the ctimes from around the link.
+    /// `None`, and nothing changed: `id` is not live or has no rare part.
+    pub fn settle(&mut self, id: u64, ctimes: Option<(Ctime, Ctime)>) -> Option<R> {
+        let (slot, r) = self.record_mut(id)?;
+        if r.flags & RARE == 0 {
+            return None;
+        }
+        r.flags &= !(RARE | CTIMES);
+        if let Some((Some(b), Some(a))) = ctimes.map(|(b, a)| (pack_ctime(b), pack_ctime(a))) {
+            r.flags |= CTIMES;
+            r.ctime_sec = [b.0, a.0];
+            r.ctime_nsec = [b.1, a.1];
+        }
+        self.rare.remove(&slot)
+    }
+
     /// Clears the slot and moves its generation on, so no id handed out for it reaches it
     /// again; a slot at the last generation is retired (kept, never reused). `used`: the slot's
     /// current id was handed out (a released reservation's was not, and keeps its generation).
@@ -526,6 +543,25 @@ mod tests {
         // The generation of the next slot starts over at 0: ids stay unique per slot.
         assert_eq!(c >> 32, 0);
         assert_eq!(t.len(), 2);
+    }
+
+    #[test]
+    fn a_settled_record_drops_its_rare_part_and_keeps_the_ctimes_of_its_link() {
+        let mut t = Table::new();
+        add(&mut t, (1, 1), Some("root"));
+        let a = add(&mut t, (1, 10), Some("fd"));
+        assert_eq!(t.rare_parts().count(), 2);
+        assert_eq!(t.settle(a, Some(((1, 2), (3, 4)))), Some("fd"));
+        let e = t.get(a).unwrap();
+        assert_eq!((e.rare, e.ctimes), (None, Some(((1, 2), (3, 4)))));
+        assert_eq!(t.rare_parts().count(), 1, "the side map lost the fd");
+        assert_eq!(t.settle(a, None), None, "already settled: nothing changes");
+        assert_eq!(t.get(a).unwrap().ctimes, Some(((1, 2), (3, 4))));
+        // A forgotten record, or one never handed out, is not settled.
+        assert_eq!(t.forget(a, 1).map(|r| r.rare), Some(None));
+        assert_eq!(t.settle(a, None), None);
+        assert_eq!(t.settle(12345, None), None);
+        assert_eq!(t.len(), 1);
     }
 
     #[test]

@@ -116,6 +116,8 @@ pub struct FsCounts {
     pub links: usize,
     pub dir_handles: usize,
     pub inode_fds: usize,
+    /// Of `inode_fds`: new inodes held by fd until they are linked.
+    pub young_fds: usize,
     pub handles: usize,
 }
 
@@ -239,6 +241,7 @@ impl Passthrough {
             links: s.links,
             dir_handles: s.handles,
             inode_fds: s.fds,
+            young_fds: s.young,
             handles: self
                 .handles
                 .read()

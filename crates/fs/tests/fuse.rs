@@ -80,10 +80,14 @@ impl Dev {
         f
     }
 
-    fn workdir_links(&self) -> usize {
-        std::fs::read_dir(self.share.join(".vsnap-workdir"))
+    /// The files the device holds for the guest: by a workdir link, or by fd while young.
+    fn held_files(&self) -> usize {
+        let links = std::fs::read_dir(self.share.join(".vsnap-workdir"))
             .unwrap()
-            .count()
+            .count();
+        let c = self.backend.server().fs().counts();
+        assert_eq!(links, c.links, "a link for each inode counted as linked");
+        links + c.young_fds
     }
 }
 
@@ -195,7 +199,7 @@ fn files_round_trip_and_links_follow_lookups() {
         (10, 1),
         "our link is not counted"
     );
-    assert_eq!(dev.workdir_links(), 1);
+    assert_eq!(dev.held_files(), 1);
     let h = fh(&open(&mut f, e.nodeid, libc::O_RDONLY));
     assert_eq!(read(&mut f, e.nodeid, h, 100).body, b"0123456789");
 
@@ -230,16 +234,21 @@ fn files_round_trip_and_links_follow_lookups() {
         ),
     );
     assert_eq!((l.nodeid, l.attr.nlink), (ne.nodeid, 2));
-    assert_eq!(std::fs::metadata(dev.share.join("new")).unwrap().nlink(), 3);
+    assert_eq!(
+        std::fs::metadata(dev.share.join("new")).unwrap().nlink(),
+        2,
+        "the guest's two names: a file this new has no link of ours yet"
+    );
 
-    // Unlinked while open: still readable through the handle, still held by our link.
+    // Unlinked while open: still readable through the handle, still held (by its fd while
+    // young, by our link after).
     assert_eq!(f.call(UNLINK, ROOT, &[&name("file")]).error, 0);
     assert_eq!(read(&mut f, e.nodeid, h, 100).body, b"0123456789");
     let a = f.call(GETATTR, e.nodeid, &[GetattrIn::default().as_bytes()]);
     assert_eq!(AttrOut::read_from_prefix(&a.body).unwrap().0.attr.nlink, 0);
 
-    // FORGET drops links: the lookup of "file" once, "new" via create and link (2 lookups).
-    assert_eq!(dev.workdir_links(), 2);
+    // FORGET lets files go: the lookup of "file" once, "new" via create and link (2 lookups).
+    assert_eq!(dev.held_files(), 2);
     f.forget(FORGET, e.nodeid, ForgetIn { nlookup: 1 }.as_bytes());
     let batch = [
         BatchForgetIn { count: 1, dummy: 0 }.as_bytes(),
@@ -253,10 +262,10 @@ fn files_round_trip_and_links_follow_lookups() {
     f.forget(BATCH_FORGET, 0, &batch);
     // Forgets have no reply; a request after them is served after them on the same device.
     entry(&lookup(&mut f, ROOT, "sub"));
-    assert_eq!(dev.workdir_links(), 1, "one lookup of new left");
+    assert_eq!(dev.held_files(), 1, "one lookup of new left");
     f.forget(FORGET, ne.nodeid, ForgetIn { nlookup: 1 }.as_bytes());
     entry(&lookup(&mut f, ROOT, "sub"));
-    assert_eq!(dev.workdir_links(), 0);
+    assert_eq!(dev.held_files(), 0);
     assert_eq!(
         dev.backend
             .faults
@@ -565,7 +574,7 @@ fn readdirplus_counts_lookups_and_hides_the_workdir() {
         }
     }
     assert_eq!(seen.len(), 52, "every entry exactly once: {seen:?}");
-    assert_eq!(dev.workdir_links(), 50, "each listed file was looked up");
+    assert_eq!(dev.held_files(), 50, "each listed file was looked up");
     let root = readdir_names(&mut f, ROOT);
     assert_eq!(root, [".", "..", "abs-escape", "file", "rel-escape", "sub"]);
 }
