@@ -728,7 +728,7 @@ impl InodeStore {
             self.settle_oldest(&mut keys);
             // The record as it is now: linked already if no young inode is kept. Under the key
             // lock, so no forget ran in between.
-            entry = self.table().get(id).expect("live under the key lock");
+            entry = self.table().get(id).ok_or(StoreError::UnknownNode(id))?;
         }
         drop(keys);
         // `st` is from before any link: already what the guest should see.

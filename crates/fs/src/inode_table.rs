@@ -76,6 +76,17 @@ impl Record {
     fn live(&self) -> bool {
         self.flags & LIVE != 0
     }
+
+    /// Keeps `ctimes` if they fit the packed form (see [`CTIMES`]), else none.
+    fn set_ctimes(&mut self, ctimes: Option<(Ctime, Ctime)>) {
+        self.flags &= !CTIMES;
+        (self.ctime_sec, self.ctime_nsec) = ([0; 2], [0; 2]);
+        if let Some((Some(b), Some(a))) = ctimes.map(|(b, a)| (pack_ctime(b), pack_ctime(a))) {
+            self.flags |= CTIMES;
+            self.ctime_sec = [b.0, a.0];
+            self.ctime_nsec = [b.1, a.1];
+        }
+    }
 }
 
 /// What a new record holds besides its key (given to [`Table::reserve`]).
@@ -345,12 +356,8 @@ impl<R> Table<R> {
         if r.flags & RARE == 0 {
             return None;
         }
-        r.flags &= !(RARE | CTIMES);
-        if let Some((Some(b), Some(a))) = ctimes.map(|(b, a)| (pack_ctime(b), pack_ctime(a))) {
-            r.flags |= CTIMES;
-            r.ctime_sec = [b.0, a.0];
-            r.ctime_nsec = [b.1, a.1];
-        }
+        r.flags &= !RARE;
+        r.set_ctimes(ctimes);
         self.rare.remove(&slot)
     }
 
@@ -398,12 +405,7 @@ impl<R: Clone> Table<R> {
         r.dev = res.dev;
         r.kind = ((new.kind & libc::S_IFMT) >> 12) as u8;
         r.flags = LIVE;
-        (r.ctime_sec, r.ctime_nsec) = ([0; 2], [0; 2]);
-        if let Some((Some(b), Some(a))) = new.ctimes.map(|(b, a)| (pack_ctime(b), pack_ctime(a))) {
-            r.flags |= CTIMES;
-            r.ctime_sec = [b.0, a.0];
-            r.ctime_nsec = [b.1, a.1];
-        }
+        r.set_ctimes(new.ctimes);
         if let Some(rare) = new.rare {
             r.flags |= RARE;
             self.rare.insert(slot, rare);
