@@ -44,16 +44,24 @@ for cond in conditions:
         cols = [l for l in labels if l in io]
         peers = [l for l in cols if not l.startswith("vsnap")]
         rows = []
+        # vsnap on one request queue, and (vsnap-2q) on two where the driver uses two: the peers
+        # offer one.
+        mine = [l for l in ("vsnap", "vsnap-2q") if l in io] if peers else []
+        rows = []
         for case in next(iter(io.values()))["qd_io"]:
             cells = []
             for l in cols:
-                v = io[l]["qd_io"][case]
+                v = io[l]["qd_io"].get(case)
+                if v is None:
+                    cells.append("–")
+                    continue
                 cells.append(f"{v['iops'] / 1000:.0f}k/s, {v['lat_p50_us']:.0f} µs, {v['cpu_us']:.1f} µs CPU, {v['vcs_per_op']:.2f}+{v['ivcs_per_op']:.2f} cs, {v.get('interrupts_per_op', 0):.2f} irq" + noisy(v, cond))
-            if "vsnap" in io and peers:
-                best = max(io[p]["qd_io"][case]["iops"] for p in peers)
-                cells.append(f"{io['vsnap']['qd_io'][case]['iops'] / best:.2f}x")
+            best = max((io[p]["qd_io"][case]["iops"] for p in peers), default=0)
+            for l in mine:
+                v = io[l]["qd_io"].get(case)
+                cells.append(f"{v['iops'] / best:.2f}x" if v and best else "–")
             rows.append((case.replace("_", " "), cells))
-        extra = ["vsnap / better peer"] if "vsnap" in io and peers else []
+        extra = [f"{l} / better peer" for l in mine]
         table(f"**{cond}** (other work: up to {bg(io.values()):.1f} cores): I/O, IOPS, median round trip, daemon CPU and "
               "voluntary+involuntary context switches and interrupts of the driver per request", cols + extra, rows)
     ops = runs.get((cond, "ops"), {})

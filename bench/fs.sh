@@ -3,7 +3,8 @@
 # driven by the same FUSE-over-vhost-user frontend (vsnap-fsbench, no VM). Each daemon is measured
 # with the machine quiet and again with a CPU-bound process running alongside ("busy"):
 #   io   4k and 128k READ and WRITE with 1 and 16 requests in flight (IOPS, median round trip,
-#        daemon and frontend CPU, context switches, interrupts and kicks per request);
+#        daemon and frontend CPU, context switches, interrupts and kicks per request); vsnap
+#        also with two request queues (16 in flight shared out among them);
 #   ops  one request at a time: GETATTR, path lookups by depth (fitted per component),
 #        create+release+unlink, reads and writes;
 #   floor a null daemon (vsnap-fsfloor: sleep on the kick, one fstatat, signal), per condition:
@@ -114,7 +115,7 @@ run() { # CONDITION PHASE LABEL CMD...: one phase against a fresh daemon
   for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.1; done
   echo "fs bench: $label $cond $phase$tag" >&2
   "$fsbench" --socket "$sock" --pid "$pid" --label "$label" --phase "$phase" --seconds "$secs" \
-    --dirs "${run_dirs:-$dirs}" --files "$files" | python3 -c "
+    --dirs "${run_dirs:-$dirs}" --files "$files" --request-queues "$(request_queues "$label")" | python3 -c "
 import json, sys
 for l in sys.stdin:
     r = json.loads(l); r['condition'] = '$cond'; r['phase'] = '$phase$tag'; print(json.dumps(r))
@@ -123,9 +124,14 @@ for l in sys.stdin:
   end_condition
 }
 
+# vsnap-2q offers two request queues and the frontend drives each from a thread of its own, as a
+# guest whose driver maps its vCPUs to them does (Linux 6.11+); the peers offer one.
+request_queues() { case $1 in vsnap-2q) echo 2 ;; *) echo 1 ;; esac; }
+
 daemon() { # LABEL: the command line serving $share on $sock, every daemon with --cache auto
   case $1 in
     vsnap) echo "$vsnap fs --socket-path $sock --shared-dir $share --sandbox none" ;;
+    vsnap-2q) echo "$vsnap fs --socket-path $sock --shared-dir $share --sandbox none --num-request-queues 2" ;;
     # The same with looking at the empty ring turned off: what the look buys, and costs.
     vsnap-nolook) echo "$vsnap fs --socket-path $sock --shared-dir $share --sandbox none --poll-max-us 0" ;;
     vsnap-fd) echo "$vsnap fs --socket-path $sock --shared-dir $share --sandbox none --inode-store fd" ;;
@@ -153,7 +159,9 @@ for cond in $conditions; do
   "$fsfloor" --dir "$share/deep" --name c1 --data "$share/data.bin" --condition "$cond" >> "$results"
   end_condition
   for phase in io ops; do
-    for label in vsnap vsnap-nolook virtiofsd c-virtiofsd; do
+    labels="vsnap vsnap-nolook virtiofsd c-virtiofsd"
+    [ "$phase" != io ] || labels="$labels vsnap-2q"
+    for label in $labels; do
       # shellcheck disable=SC2046
       run "$cond" "$phase" "$label" $(daemon "$label")
     done

@@ -79,10 +79,17 @@ pub fn in_header(len: u32, opcode: u32, unique: u64, nodeid: u64, uid: u32, gid:
 impl Fuse {
     /// Connects with the hiprio queue and one request queue.
     pub fn connect(socket: &Path) -> Result<Self> {
+        Self::connect_queues(socket, 1)
+    }
+
+    /// Connects with the hiprio queue and `request_queues` request queues (queues 1 to
+    /// `request_queues`), as a guest does when the device offers several
+    /// (`num_request_queues`); the calls below use queue 1.
+    pub fn connect_queues(socket: &Path, request_queues: usize) -> Result<Self> {
         let fe = Frontend::connect(
             socket,
             &Setup {
-                num_queues: 2,
+                num_queues: 1 + request_queues,
                 queue_size: 256,
                 mem_size: 16 << 20,
                 ..Setup::default()

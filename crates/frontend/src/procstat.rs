@@ -123,6 +123,17 @@ pub fn switches_since(before: &[ThreadSwitches], after: &[ThreadSwitches]) -> Ve
         .collect()
 }
 
+/// This process's CPU seconds and voluntary context switches (`getrusage(RUSAGE_SELF)`),
+/// threads that have ended included, unlike what `/proc/self/task` lists.
+pub fn own_usage() -> (f64, u64) {
+    // SAFETY: rusage is plain old data; getrusage only writes the struct we pass.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: RUSAGE_SELF with a valid pointer cannot fail or touch other memory.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    (secs(ru.ru_utime) + secs(ru.ru_stime), ru.ru_nvcsw as u64)
+}
+
 /// CPU seconds every process of the machine has run (`/proc/stat`: user, nice, system, irq,
 /// softirq and steal of all CPUs), in clock ticks. Less what the daemon and the benchmark
 /// themselves ran, it says how busy the rest of the machine was meanwhile.

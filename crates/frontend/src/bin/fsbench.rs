@@ -14,10 +14,10 @@ use clap::Parser;
 use serde_json::{json, Value};
 use vsnap_frontend::fs::{in_header, op as fuse_op, Fuse, IN_HEADER_LEN, OUT_HEADER_LEN};
 use vsnap_frontend::procstat::{
-    cpu_seconds, machine_busy_seconds, open_fds, rss_kib, slab_bytes, switches_since,
+    cpu_seconds, machine_busy_seconds, open_fds, own_usage, rss_kib, slab_bytes, switches_since,
     thread_switches, ThreadSwitches,
 };
-use vsnap_frontend::{Desc, Rng};
+use vsnap_frontend::{Desc, GuestMem, Queue, Rng};
 
 const ROOT: u64 = 1;
 
@@ -51,6 +51,10 @@ struct Args {
     /// Only this case of the `io` phase (e.g. `read_4k_qd16`), to reproduce one figure.
     #[arg(long)]
     case: Option<String>,
+    /// Request queues to ask the device for (besides hiprio). With more than one, the `io`
+    /// phase runs only its 16-in-flight cases, the 16 shared out among the queues.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+    request_queues: u16,
 }
 
 /// Rounded to 2 decimals for the report.
@@ -80,18 +84,19 @@ struct Meter {
     own_cpu: f64,
     machine: f64,
     threads: Vec<ThreadSwitches>,
-    me: Vec<ThreadSwitches>,
+    own_vcs: u64,
     t0: Instant,
 }
 
 impl Meter {
     fn start(pid: u32) -> Self {
+        let (own_cpu, own_vcs) = own_usage();
         Meter {
             pid,
             threads: thread_switches(pid),
-            me: thread_switches(std::process::id()),
+            own_vcs,
             cpu: cpu_seconds(pid).unwrap_or(0.0),
-            own_cpu: cpu_seconds(std::process::id()).unwrap_or(0.0),
+            own_cpu,
             machine: machine_busy_seconds().unwrap_or(0.0),
             t0: Instant::now(),
         }
@@ -100,11 +105,11 @@ impl Meter {
     fn stop(self, ops: usize) -> Cost {
         let wall = self.t0.elapsed().as_secs_f64();
         let cpu = cpu_seconds(self.pid).unwrap_or(0.0) - self.cpu;
-        let own = cpu_seconds(std::process::id()).unwrap_or(0.0) - self.own_cpu;
+        let (own_cpu, own_vcs) = own_usage();
+        let own = own_cpu - self.own_cpu;
         let machine = machine_busy_seconds().unwrap_or(0.0) - self.machine;
         let background_cpus = ((machine - cpu - own) / wall).max(0.0);
         let threads = switches_since(&self.threads, &thread_switches(self.pid));
-        let me = switches_since(&self.me, &thread_switches(std::process::id()));
         let n = ops.max(1) as f64;
         Cost {
             wall_us: wall * 1e6 / n,
@@ -112,7 +117,7 @@ impl Meter {
             frontend_cpu_us: own * 1e6 / n,
             background_cpus,
             threads,
-            frontend_vcs: me.iter().map(|t| t.voluntary).sum(),
+            frontend_vcs: own_vcs - self.own_vcs,
             ops,
         }
     }
@@ -167,7 +172,8 @@ fn fit(points: &[(f64, f64)]) -> (f64, f64) {
 
 fn main() -> Result<(), String> {
     let a = Args::parse();
-    let mut f = Fuse::connect(&a.socket).map_err(|e| e.to_string())?;
+    let mut f = Fuse::connect_queues(&a.socket, usize::from(a.request_queues))
+        .map_err(|e| e.to_string())?;
     f.init().map_err(|e| format!("INIT: errno {e}"))?;
     match a.phase.as_str() {
         "hold" => hold(&mut f, &a),
@@ -337,37 +343,107 @@ struct IoCase {
 /// header and arguments in one device-readable descriptor, a WRITE's payload in the next, the
 /// reply header and a READ's data in two device-writable ones. Each request is made available
 /// as it is submitted, with a kick if the device asked for one, as virtio-fs submits each
-/// request on its own (`virtio_fs_enqueue_req`); completions are collected as they come.
+/// request on its own (`virtio_fs_enqueue_req`); completions are collected as they come. With
+/// several request queues the requests in flight are shared out among them, each driven by a
+/// thread of its own, as a guest's vCPUs each submit on the queue mapped to them.
 fn io_case(
     f: &mut Fuse,
     pid: u32,
-    (node, fh): (u64, u64),
+    file: (u64, u64),
     c: IoCase,
     slots: &[Slot],
 ) -> Result<Value, String> {
-    let IoCase {
-        write,
-        bs,
-        qd,
-        seconds,
-    } = c;
-    let opcode = if write { fuse_op::WRITE } else { fuse_op::READ };
-    let span = (64u64 << 20) / u64::from(bs);
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15u64 ^ u64::from(bs) ^ u64::from(write));
-    let mut next_off = move || (rng.next() % span) * u64::from(bs);
-    let payload: Vec<u8> = (0..bs).map(|i| (i as u8) | 1).collect();
-    for s in &slots[..qd] {
-        if write {
-            f.fe.mem.write(s.data, &payload);
+    let fe = &mut f.fe;
+    let (mem, queues) = (&fe.mem, &mut fe.queues[1..]);
+    let n = queues.len();
+    let per_queue = c.qd / n;
+    if c.write {
+        let payload: Vec<u8> = (0..c.bs).map(|i| (i as u8) | 1).collect();
+        for s in &slots[..c.qd] {
+            mem.write(s.data, &payload);
         }
     }
-    let mut unique = 1u64 << 40;
-    let mut submit = |f: &mut Fuse, s: &Slot| -> Option<u16> {
+    let notes0: Vec<_> = queues.iter().map(|q| q.notifications()).collect();
+    let deadline = Instant::now() + Duration::from_secs_f64(c.seconds);
+    let meter = Meter::start(pid);
+    let driven: Vec<Result<(Vec<u32>, u64), String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = queues
+            .iter_mut()
+            .zip(slots[..per_queue * n].chunks(per_queue))
+            .enumerate()
+            .map(|(i, (q, slots))| s.spawn(move || drive(q, mem, file, c, slots, i, deadline)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("queue thread panicked".into()))
+            })
+            .collect()
+    });
+    let mut lat = Vec::new();
+    let mut errors = 0u64;
+    for d in driven {
+        let (l, e) = d?;
+        lat.extend(l);
+        errors += e;
+    }
+    if errors > 0 {
+        return Err(format!("{errors} of {} requests failed", lat.len()));
+    }
+    let ops = lat.len();
+    let elapsed = meter.t0.elapsed().as_secs_f64();
+    let cost = meter.stop(ops);
+    let notes = queues.iter().zip(&notes0).fold((0, 0), |(i, k), (q, n0)| {
+        let n = q.notifications();
+        (i + n.0 - n0.0, k + n.1 - n0.1)
+    });
+    lat.sort_unstable();
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .map_or(0.0, |&n| r2(f64::from(n) / 1000.0))
+    };
+    let mut v = cost.json();
+    let o = v.as_object_mut().expect("object");
+    o.insert("ops".into(), json!(ops));
+    o.insert("errors".into(), json!(errors));
+    o.insert("request_queues".into(), json!(n));
+    o.insert("iops".into(), json!((ops as f64 / elapsed).round()));
+    o.insert(
+        "mib_s".into(),
+        json!(r2(ops as f64 * f64::from(c.bs)
+            / elapsed
+            / f64::from(1 << 20))),
+    );
+    let per = |n: u64| r2(n as f64 / ops.max(1) as f64);
+    o.insert("interrupts_per_op".into(), json!(per(notes.0)));
+    o.insert("kicks_per_op".into(), json!(per(notes.1)));
+    o.insert("lat_p50_us".into(), json!(pct(0.5)));
+    o.insert("lat_p99_us".into(), json!(pct(0.99)));
+    Ok(v)
+}
+
+/// One request queue's share of an [`io_case`]: a request in flight per slot until `deadline`.
+/// Returns each request's round trip (ns) and how many failed.
+fn drive(
+    queue: &mut Queue,
+    mem: &GuestMem,
+    (node, fh): (u64, u64),
+    c: IoCase,
+    slots: &[Slot],
+    index: usize,
+    deadline: Instant,
+) -> Result<(Vec<u32>, u64), String> {
+    let IoCase { write, bs, .. } = c;
+    let opcode = if write { fuse_op::WRITE } else { fuse_op::READ };
+    let span = (64u64 << 20) / u64::from(bs);
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15u64 ^ u64::from(bs) ^ u64::from(write) ^ index as u64);
+    let mut unique = (1u64 << 40) | ((index as u64) << 36);
+    let mut submit = |queue: &mut Queue, s: &Slot| -> Result<u16, String> {
         unique += 2;
         let len = IN_HEADER_LEN as u32 + 40 + if write { bs } else { 0 };
         let mut msg = in_header(len, opcode, unique, node, 0, 0);
-        msg.extend_from_slice(&Fuse::rw_in(fh, next_off(), bs, 0));
-        let mem = &f.fe.mem;
+        msg.extend_from_slice(&Fuse::rw_in(fh, (rng.next() % span) * u64::from(bs), bs, 0));
         mem.write(s.req, &msg);
         mem.write(s.rep, &[0u8; OUT_HEADER_LEN]);
         let descs = if write {
@@ -384,26 +460,20 @@ fn io_case(
                 Desc::w(s.rep + OUT_HEADER_LEN as u64, bs),
             ]
         };
-        f.fe.queues[1].add(mem, &descs)
+        let head = queue.add(mem, &descs).ok_or("ring full")?;
+        queue.publish(mem);
+        Ok(head)
     };
     let mut started: HashMap<u16, (usize, Instant)> = HashMap::new();
     let mut lat: Vec<u32> = Vec::with_capacity(1 << 20);
-    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
-    let notes0 = f.fe.queues[1].notifications();
-    let meter = Meter::start(pid);
-    for (k, s) in slots[..qd].iter().enumerate() {
-        let head = submit(f, s).ok_or("ring full")?;
-        started.insert(head, (k, Instant::now()));
-        f.fe.queues[1].publish(&f.fe.mem);
+    for (k, s) in slots.iter().enumerate() {
+        started.insert(submit(queue, s)?, (k, Instant::now()));
     }
     let mut errors = 0u64;
     while !started.is_empty() {
-        let done = {
-            let fe = &mut f.fe;
-            fe.queues[1].wait_used(&fe.mem, 1, Duration::from_secs(10))
-        };
+        let done = queue.wait_used(mem, 1, Duration::from_secs(10));
         if done.is_empty() {
-            return Err(format!("{qd} requests unanswered for 10 s"));
+            return Err(format!("{} requests unanswered for 10 s", started.len()));
         }
         let now = Instant::now();
         let more = now < deadline;
@@ -412,7 +482,7 @@ fn io_case(
                 return Err(format!("completion of unknown head {head}"));
             };
             lat.push(now.duration_since(t).as_nanos().min(u128::from(u32::MAX)) as u32);
-            let out = f.fe.mem.read_vec(slots[k].rep, OUT_HEADER_LEN);
+            let out = mem.read_vec(slots[k].rep, OUT_HEADER_LEN);
             let (len, error) = (
                 u32::from_le_bytes(out[0..4].try_into().expect("4")),
                 i32::from_le_bytes(out[4..8].try_into().expect("4")),
@@ -422,41 +492,11 @@ fn io_case(
                 errors += 1;
             }
             if more {
-                let head = submit(f, &slots[k]).ok_or("ring full")?;
-                started.insert(head, (k, Instant::now()));
-                f.fe.queues[1].publish(&f.fe.mem);
+                started.insert(submit(queue, &slots[k])?, (k, Instant::now()));
             }
         }
     }
-    if errors > 0 {
-        return Err(format!("{errors} of {} requests failed", lat.len()));
-    }
-    let ops = lat.len();
-    let elapsed = meter.t0.elapsed().as_secs_f64();
-    let cost = meter.stop(ops);
-    let notes = f.fe.queues[1].notifications();
-    lat.sort_unstable();
-    let pct = |p: f64| {
-        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
-            .map_or(0.0, |&n| r2(f64::from(n) / 1000.0))
-    };
-    let mut v = cost.json();
-    let o = v.as_object_mut().expect("object");
-    o.insert("ops".into(), json!(ops));
-    o.insert("errors".into(), json!(errors));
-    o.insert("iops".into(), json!((ops as f64 / elapsed).round()));
-    o.insert(
-        "mib_s".into(),
-        json!(r2(ops as f64 * f64::from(bs)
-            / elapsed
-            / f64::from(1 << 20))),
-    );
-    let per = |n: u64| r2(n as f64 / ops.max(1) as f64);
-    o.insert("interrupts_per_op".into(), json!(per(notes.0 - notes0.0)));
-    o.insert("kicks_per_op".into(), json!(per(notes.1 - notes0.1)));
-    o.insert("lat_p50_us".into(), json!(pct(0.5)));
-    o.insert("lat_p99_us".into(), json!(pct(0.99)));
-    Ok(v)
+    Ok((lat, errors))
 }
 
 fn io(f: &mut Fuse, a: &Args) -> Result<(), String> {
@@ -479,6 +519,9 @@ fn io(f: &mut Fuse, a: &Args) -> Result<(), String> {
     for bs in [4096u32, 128 << 10] {
         for write in [false, true] {
             for qd in QDS {
+                if qd < usize::from(a.request_queues) {
+                    continue;
+                }
                 let c = IoCase {
                     write,
                     bs,
