@@ -21,9 +21,9 @@
 //!   slice); a gap between two glances longer than [`CONTENDED`] means the thread was
 //!   preempted, so others want this CPU and a look only competes with them (the driver among
 //!   them): the window closes at once, with the same back-off. So does a look that finds the
-//!   next request only after the worker was preempted since it signalled (the shell counts the
-//!   thread's involuntary switches): the driver it woke ran in its stead on this CPU, and the
-//!   request could not have come any sooner.
+//!   next request only after the worker was preempted during its round (the shell counts the
+//!   thread's involuntary switches, one read per round): the driver it woke ran in its stead on
+//!   this CPU, and the request could not have come any sooner.
 //! - **Early signals wait for low water**: a completion signals early only once the ring holds
 //!   no more than half the chains its round began with ([`low_water`]). Until then the driver
 //!   that went to sleep has left the worker plenty to do, and waking it for each completion

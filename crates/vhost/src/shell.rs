@@ -421,6 +421,9 @@ impl<D: Device> Shell<D> {
     ) -> io::Result<()> {
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         let stopping = || self.queues.stopping.load(Ordering::SeqCst);
+        // The thread's preemption count read as the previous round's look found this round's
+        // chains: it stands for a read at this round's start (each read is a system call).
+        let mut carried = None;
         loop {
             let guest = mem.memory();
             if ctl.recover.load(Ordering::SeqCst) {
@@ -441,12 +444,21 @@ impl<D: Device> Shell<D> {
             }
             // Early signals only with EVENT_IDX, where the driver says which completion it
             // waits for (without it every completion would interrupt the guest), and only for
-            // a round of more than one chain (for one, the round's end is as early): a round of
-            // one costs no preemption count either.
+            // a round of more than one chain (for one, the round's end is as early).
             let batch = event_idx && available > 1;
             let early = batch && worker.pacing.early_signals();
             ctl.early.store(false, Ordering::Relaxed);
-            let preempted_before = early.then(preemptions);
+            // Whether the thread is preempted while it serves the round and looks for the next
+            // one decides both whether early signals go on (see `Pacing::round`) and whether a
+            // look that finds a request paid: found after the thread was preempted, the request
+            // came from a driver that ran on this CPU in its stead (woken by this round's
+            // signal, it typically does), so the look bought nothing a sleep would not have
+            // and spent CPU others wanted; it counts as contended. On a busy machine that is
+            // most looks with one request in flight, which then cost 1.3-2.8 µs of CPU per
+            // request more than no look.
+            let looking = event_idx && !worker.pacing.window().is_zero();
+            let start = carried.take();
+            let since = (early || looking).then(|| start.unwrap_or_else(preemptions));
             // The chains counted above and no more: popping past them would only read the ring
             // again to find it empty. Later ones are found below, by the look or by turning
             // notifications back on (or, without EVENT_IDX, by the driver's kick).
@@ -481,24 +493,30 @@ impl<D: Device> Shell<D> {
                 };
                 self.dev.process(index, &guest, chain, done);
             }
-            // This signal covers every completion so far, this thread's and others'. A look to
-            // follow counts the preemptions from here (see `look`).
-            let looking = event_idx && !worker.pacing.window().is_zero();
-            let preempted_at_signal = looking.then(preemptions);
+            // This signal covers every completion so far, this thread's and others'.
             ctl.deferred.store(false, Ordering::SeqCst);
             signal(vring, queue::needs_notification(vring, &guest));
-            if batch {
-                worker
-                    .pacing
-                    .round(preempted_before.is_some_and(|n| preemptions() > n));
-            }
             // Stopping: leave notifications as they are; the next frontend starts the queue
             // afresh.
             if stopping() || !event_idx {
                 return Ok(());
             }
             let looked = Instant::now();
-            if self.look(worker, vring, &guest, looked, preempted_at_signal) {
+            let found = self.look(worker, vring, &guest, looked);
+            let now = (early || found).then(preemptions);
+            let preempted = since.zip(now).is_some_and(|(a, b)| b > a);
+            if found {
+                if preempted {
+                    worker.pacing.contended();
+                } else {
+                    worker.pacing.found();
+                }
+            }
+            if batch {
+                worker.pacing.round(preempted);
+            }
+            if found {
+                carried = now;
                 continue;
             }
             if !queue::enable_notification(vring, &guest).map_err(queue::to_io)? {
@@ -509,22 +527,15 @@ impl<D: Device> Shell<D> {
     }
 
     /// Looks at the empty ring for the worker's window before it sleeps; true if a request
-    /// came. Notifications stay off meanwhile: the driver's kicks are not needed (with
-    /// EVENT_IDX the available event still names the index it passed long ago).
-    ///
-    /// `preempted_at_signal`: the thread's preemption count before it signalled the round's
-    /// completions. A request found after the thread was preempted since came from a driver
-    /// that ran on this CPU in its stead (woken by that signal, it typically does): the look
-    /// bought nothing a sleep would not have, and spent CPU others wanted, so it counts as
-    /// contended. On a busy machine that is most looks with one request in flight, which then
-    /// cost 1.3-2.8 µs of CPU per request more than no look.
+    /// came (the caller tells the pacing whether that look paid). Notifications stay off
+    /// meanwhile: the driver's kicks are not needed (with EVENT_IDX the available event still
+    /// names the index it passed long ago).
     fn look(
         &self,
         worker: &mut Worker,
         vring: &VringRwLock,
         guest: &GuestMemoryMmap,
         start: Instant,
-        preempted_at_signal: Option<libc::c_long>,
     ) -> bool {
         let window = worker.pacing.window();
         if window.is_zero() {
@@ -536,11 +547,6 @@ impl<D: Device> Shell<D> {
                 return false;
             }
             if queue::has_avail(vring, guest) {
-                if preempted_at_signal.is_some_and(|n| preemptions() > n) {
-                    worker.pacing.contended();
-                } else {
-                    worker.pacing.found();
-                }
                 return true;
             }
             let now = Instant::now();
