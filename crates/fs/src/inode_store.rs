@@ -6,9 +6,13 @@
 //! no capability, the fd is closed once the link is made, and the inode is reopened through the
 //! link when needed. The link is removed when the guest forgets the inode.
 //!
-//! A new inode is not linked at once: the newest [`YOUNG_FDS`] are held by their fd, and the
-//! oldest of them is linked as a newer one comes, so a short-lived file
-//! (made, used, removed and forgotten) costs no link and no unlink.
+//! A new regular file is not linked at once: the newest [`YOUNG_FDS`] are held by their fd, and
+//! the oldest of them is linked as a newer one comes, so a short-lived file (made, used,
+//! removed and forgotten) costs no link and no unlink. One removed before its turn cannot be
+//! linked any more (a name-less inode has nothing to link); it stays held by its fd until the
+//! guest forgets it, and uses up the young budget meanwhile ([`Young::kept`]). Other linkable
+//! inodes (symlinks, device nodes, FIFOs, sockets) are linked at once: reached through
+//! `/proc/self/fd` a symlink would be followed, which would refuse its chown and utimes.
 //!
 //! Fallbacks, per inode: directories cannot be hard-linked and are held by fd (they are few);
 //! inodes on another file system than the workdir (a mount below the share) and inodes the kernel
@@ -41,7 +45,7 @@
 //!   another inode's.
 
 // foldhash: the keys are ids the daemon hands out, not values a guest picks.
-use hashbrown::HashMap;
+use hashbrown::{HashMap, HashSet};
 use std::collections::VecDeque;
 use std::ffi::{CStr, CString};
 use std::io;
@@ -179,6 +183,19 @@ impl AsFd for PathFd<'_> {
 /// a bounded handful of fds.
 pub const YOUNG_FDS: usize = 64;
 
+/// The young inodes: held by their fd until [`YOUNG_FDS`] newer ones came. Guarded by the key
+/// lock.
+struct Young {
+    /// Oldest first. Ids forgotten meanwhile stay until they reach the front.
+    ids: VecDeque<u64>,
+    /// Young inodes the kernel would not link when their turn came, that the guest still holds:
+    /// most often a file removed before then (a name-less inode has nothing to link). They stay
+    /// held by fd until forgotten, and they count against [`YOUNG_FDS`]: a guest that keeps
+    /// removed files without forgetting them makes new files linked at once, as before young
+    /// files, instead of making the daemon hold an fd more for each.
+    kept: HashSet<u64>,
+}
+
 /// How many directories held by file handle keep an open `O_PATH` fd ([`DirFds`]): enough for
 /// the directories of a path walk 64 levels deep (a walk deeper than the cache misses it at
 /// every level, being least recently used, and pays `open_by_handle_at` each time), few enough
@@ -312,6 +329,8 @@ pub struct StoreCounts {
     pub fds: usize,
     /// Of `fds`: the young inodes, held by fd until they are linked ([`YOUNG_FDS`]).
     pub young: usize,
+    /// Of `fds`: linkable inodes the kernel would not link when their turn came ([`Young::kept`]).
+    pub kept: usize,
 }
 
 pub struct InodeStore {
@@ -331,10 +350,9 @@ pub struct InodeStore {
     /// finding a node and counting the lookup. Taken before the table's lock and the dir fd
     /// cache's; those two are never held together but for the cache's lock taken first
     /// (`path_fd`).
-    /// It guards the young inodes' order too (oldest first; see [`YOUNG_FDS`]): adopting and
-    /// settling them decide how the table holds inodes. Ids forgotten meanwhile stay in it
-    /// until they reach its front.
-    keys: Mutex<VecDeque<u64>>,
+    /// It guards the young inodes too ([`Young`]): adopting and settling them decide how the
+    /// table holds inodes.
+    keys: Mutex<Young>,
     /// How many young inodes are held by fd ([`YOUNG_FDS`]; 0: linked at once).
     young_fds: usize,
     /// The inodes; its lock is held for memory work only, never across a system call. The
@@ -494,7 +512,10 @@ impl InodeStore {
             workdir: dir,
             workdir_key: (st.st_dev, st.st_ino),
             workdir_entry,
-            keys: Mutex::new(VecDeque::with_capacity(YOUNG_FDS + 1)),
+            keys: Mutex::new(Young {
+                ids: VecDeque::with_capacity(YOUNG_FDS + 1),
+                kept: HashSet::default(),
+            }),
             young_fds: YOUNG_FDS,
             table: Arc::new(RwLock::new(table)),
             dir_fds: Mutex::new(DirFds::default()),
@@ -509,7 +530,7 @@ impl InodeStore {
         self.table.write().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn keys(&self) -> MutexGuard<'_, VecDeque<u64>> {
+    fn keys(&self) -> MutexGuard<'_, Young> {
         self.keys.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -724,8 +745,13 @@ impl InodeStore {
         }
         if linkable {
             drop(entry);
-            keys.push_back(id);
-            self.settle_oldest(&mut keys);
+            if kind == libc::S_IFREG {
+                keys.ids.push_back(id);
+                self.settle_oldest(&mut keys);
+            } else {
+                // Not in use yet: no request has a copy.
+                self.try_settle(&mut keys, id);
+            }
             // The record as it is now: linked already if no young inode is kept. Under the key
             // lock, so no forget ran in between.
             entry = self.table().get(id).ok_or(StoreError::UnknownNode(id))?;
@@ -735,50 +761,64 @@ impl InodeStore {
         Ok((self.inode(entry), st))
     }
 
-    /// Links the oldest young inodes into the workdir until at most `young_fds` are left,
-    /// skipping ids forgotten meanwhile. One that a request is using now (a copy of it is out)
-    /// waits for the next turn: settled under that request, its `stat` through the fd would
-    /// show our link. (A request that takes its copy while the link is being made may still
-    /// see it once.) Under the key lock, whose guard holds the young ids.
-    fn settle_oldest(&self, young: &mut VecDeque<u64>) {
+    /// Links the oldest young inodes into the workdir until at most `young_fds` are left
+    /// besides the kept ones, skipping ids forgotten meanwhile. Under the key lock.
+    fn settle_oldest(&self, young: &mut Young) {
         let mut busy = Vec::new();
-        while young.len() + busy.len() > self.young_fds {
-            let Some(id) = young.pop_front() else { break };
-            let Some(entry) = self.table().get(id) else {
-                continue;
+        while young.ids.len() + busy.len() + young.kept.len() > self.young_fds {
+            let Some(id) = young.ids.pop_front() else {
+                break;
             };
-            let Some(Rare::Fd(fd)) = entry.rare else {
-                continue;
-            };
-            // Ours, and the table's.
-            if Arc::strong_count(&fd) > 2 {
+            if !self.try_settle(young, id) {
                 busy.push(id);
-                continue;
             }
-            self.settle(id, entry.key.1, &fd);
         }
         // Oldest still: first in line next time.
         for id in busy.into_iter().rev() {
-            young.push_front(id);
+            young.ids.push_front(id);
         }
     }
 
-    /// Holds the young inode `id` (inode number `ino`, open as `fd`) by a workdir link from now
-    /// on, its fd closed. One the kernel refuses to link (removed since, so no name is left to
-    /// link; EPERM from `protected_hardlinks` for an unprivileged daemon) stays held by its fd.
-    fn settle(&self, id: u64, ino: u64, fd: &OwnedFd) {
+    /// Links the inode `id` if it is still held by its fd; false if a request is using it now
+    /// (a copy of it is out), to try again later: settled under that request, its `stat`
+    /// through the fd would show our link. (A request that takes its copy while the link is
+    /// being made may still see it once.) One the kernel refuses to link is kept by its fd.
+    /// Under the key lock.
+    fn try_settle(&self, young: &mut Young, id: u64) -> bool {
+        let Some(entry) = self.table().get(id) else {
+            return true;
+        };
+        let Some(Rare::Fd(fd)) = entry.rare else {
+            return true;
+        };
+        // Ours, and the table's.
+        if Arc::strong_count(&fd) > 2 {
+            return false;
+        }
+        if !self.settle(id, entry.key.1, &fd) {
+            young.kept.insert(id);
+        }
+        true
+    }
+
+    /// Holds the inode `id` (inode number `ino`, open as `fd`) by a workdir link from now on,
+    /// its fd closed; false if the kernel refuses to link it (removed since, so no name is left
+    /// to link; EPERM from `protected_hardlinks` for an unprivileged daemon; ENOSPC, EMLINK):
+    /// it stays held by its fd.
+    fn settle(&self, id: u64, ino: u64, fd: &OwnedFd) -> bool {
         let Ok(before) = sys::fstat(fd.as_fd()) else {
-            return;
+            return false;
         };
         if let Err(e) = self.link(fd, ino, id) {
             tracing::debug!(error = %e, "holding inode by fd");
-            return;
+            return false;
         }
         let after = sys::fstat(fd.as_fd())
             .map(|a| ctime(&a))
             .unwrap_or_default();
         // The fd the table held closes as our copy goes.
         self.table_mut().settle(id, Some((ctime(&before), after)));
+        true
     }
 
     fn link(&self, fd: &OwnedFd, ino: u64, id: u64) -> io::Result<()> {
@@ -888,8 +928,11 @@ impl InodeStore {
         if id == ROOT_ID {
             return;
         }
-        let keys = self.keys();
+        let mut keys = self.keys();
         let removed = self.table_mut().forget(id, n);
+        if removed.is_some() {
+            keys.kept.remove(&id);
+        }
         drop(keys);
         let Some(removed) = removed else { return };
         self.dir_fds().remove(id);
@@ -927,7 +970,9 @@ impl InodeStore {
         }
         // What has no rare part is held by its link.
         c.links = c.inodes - c.handles - c.fds;
+        c.kept = young.kept.len();
         c.young = young
+            .ids
             .iter()
             .filter(|&&id| {
                 t.get(id)
@@ -1038,6 +1083,66 @@ mod tests {
         // Forgetting a settled inode removes its link.
         s.forget(f1.id, 1);
         assert_eq!(entries(&work), 1);
+    }
+
+    /// A guest that looks files up and removes them but never forgets them: each removed young
+    /// file can no longer be linked, so it stays held by its fd; those count against the young
+    /// budget, so new files are linked at once once they fill it, and the fds stay bounded.
+    #[test]
+    fn removed_files_the_guest_keeps_do_not_make_the_fds_grow() {
+        let (_t, share, work) = setup(None);
+        let s = InodeStore::new(&work, open_dir(&share)).unwrap();
+        let root = s.get(ROOT_ID).unwrap();
+        let rounds = 5 * YOUNG_FDS;
+        let mut held = Vec::new();
+        for i in 0..rounds {
+            let name = format!("f{i}");
+            std::fs::write(share.join(&name), &name).unwrap();
+            held.push(lookup(&s, &root, &name).unwrap().id);
+            std::fs::remove_file(share.join(&name)).unwrap();
+        }
+        let c = s.counts();
+        assert_eq!(c.inodes, 1 + rounds);
+        assert!(
+            c.fds <= 2 + YOUNG_FDS,
+            "{c:?}: an fd for every removed file the guest holds"
+        );
+        assert_eq!(c.links, rounds + 1 - c.fds, "the rest are linked: {c:?}");
+        // Each still answers: by its fd or by our link, which keeps its data.
+        let last = s.get(*held.last().unwrap()).unwrap();
+        assert_eq!(
+            s.stat(&last).unwrap().st_nlink,
+            0,
+            "removed, our link hidden"
+        );
+        assert_eq!(
+            read_all(s.open(&last, libc::O_RDONLY).unwrap()),
+            format!("f{}", rounds - 1)
+        );
+        // Forgotten, they leave nothing, and the budget is whole again.
+        for id in held {
+            s.forget(id, 1);
+        }
+        let c = s.counts();
+        assert_eq!((c.inodes, c.fds, c.kept, entries(&work)), (1, 1, 0, 0));
+        std::fs::write(share.join("new"), b"new").unwrap();
+        let new = lookup(&s, &root, "new").unwrap();
+        assert!(matches!(new.handle, Handle::Fd(_)), "young again");
+    }
+
+    /// Only regular files start young: a symlink held by its fd would be reached through
+    /// `/proc/self/fd`, which follows it, so its chown and utimes would be refused.
+    #[test]
+    fn symlinks_are_linked_at_once() {
+        let (_t, share, work) = setup(None);
+        std::os::unix::fs::symlink("target", share.join("l")).unwrap();
+        let s = InodeStore::new(&work, open_dir(&share)).unwrap();
+        let root = s.get(ROOT_ID).unwrap();
+        let l = lookup(&s, &root, "l").unwrap();
+        assert!(matches!(l.handle, Handle::Link));
+        assert_eq!(entries(&work), 1);
+        let st = s.stat(&l).unwrap();
+        assert_eq!((st.st_mode & libc::S_IFMT, st.st_nlink), (libc::S_IFLNK, 1));
     }
 
     /// The id of the node `name` (in the share's root) is known under.
@@ -1165,6 +1270,7 @@ mod tests {
                     handles: 0,
                     fds: 1,
                     young: 0,
+                    kept: 0,
                 }
             );
             assert_eq!(entries(&work), 0, "every link removed");

@@ -118,6 +118,8 @@ pub struct FsCounts {
     pub inode_fds: usize,
     /// Of `inode_fds`: new inodes held by fd until they are linked.
     pub young_fds: usize,
+    /// Of `inode_fds`: inodes that could not be linked when their turn came (removed first).
+    pub kept_fds: usize,
     pub handles: usize,
 }
 
@@ -242,6 +244,7 @@ impl Passthrough {
             dir_handles: s.handles,
             inode_fds: s.fds,
             young_fds: s.young,
+            kept_fds: s.kept,
             handles: self
                 .handles
                 .read()
