@@ -58,6 +58,21 @@ pub fn ring_usable(vring: &VringRwLock, mem: &GuestMemoryMmap) -> Ring {
     }
 }
 
+/// [`pop`] found no chain where [`ring_usable`] had counted some: unless the queue was stopped
+/// meanwhile, the available index moved back, which no driver does (it only ever moves it on).
+/// Stopped, as [`ring_usable`] stops a corrupt ring: a guest flipping the index back and forth
+/// would otherwise keep the worker going round with nothing to take.
+pub fn index_went_back(vring: &VringRwLock) -> Ring {
+    let mut state = vring.get_mut();
+    let q = state.get_queue_mut();
+    if !q.ready() {
+        return Ring::NotReady;
+    }
+    tracing::error!("virtqueue available index moved back: queue stopped");
+    q.set_ready(false);
+    Ring::Corrupt("available index moved back (queue stopped)")
+}
+
 /// The next available chain, if the queue is (still) ready and has one.
 pub fn pop(vring: &VringRwLock, mem: &GuestMemoryLoadGuard<GuestMemoryMmap>) -> Option<Chain> {
     let mut state = vring.get_mut();
@@ -118,4 +133,53 @@ pub fn needs_notification(
     mem: &GuestMemoryMmap,
 ) -> Result<bool, virtio_queue::Error> {
     vring.get_mut().get_queue_mut().needs_notification(mem)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
+
+    const AVAIL: u64 = 0x1000;
+
+    fn ring() -> (VringRwLock, GuestMemoryAtomic<GuestMemoryMmap>) {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x4000)]).unwrap();
+        let atomic = GuestMemoryAtomic::new(mem);
+        let vring = VringRwLock::new(atomic.clone(), 16).unwrap();
+        vring.set_queue_size(16);
+        vring.set_queue_info(0, AVAIL, 0x2000).unwrap();
+        vring.set_queue_ready(true);
+        (vring, atomic)
+    }
+
+    fn set_avail_idx(mem: &GuestMemoryMmap, idx: u16) {
+        mem.write_obj(idx.to_le(), GuestAddress(AVAIL + 2)).unwrap();
+    }
+
+    #[test]
+    fn an_available_index_that_moved_back_stops_the_queue() {
+        let (vring, atomic) = ring();
+        let mem = atomic.memory();
+        set_avail_idx(&mem, 1);
+        assert_eq!(ring_usable(&vring, &mem), Ring::Usable(1));
+        // The driver takes it back before we pop.
+        set_avail_idx(&mem, 0);
+        assert!(pop(&vring, &mem).is_none());
+        assert!(matches!(index_went_back(&vring), Ring::Corrupt(_)));
+        set_avail_idx(&mem, 1);
+        assert_eq!(ring_usable(&vring, &mem), Ring::NotReady, "stopped");
+        assert!(!has_avail(&vring, &mem));
+    }
+
+    #[test]
+    fn a_queue_stopped_meanwhile_is_no_fault() {
+        let (vring, atomic) = ring();
+        let mem = atomic.memory();
+        set_avail_idx(&mem, 1);
+        assert_eq!(ring_usable(&vring, &mem), Ring::Usable(1));
+        // GET_VRING_BASE stopped it.
+        vring.set_queue_ready(false);
+        assert!(pop(&vring, &mem).is_none());
+        assert_eq!(index_went_back(&vring), Ring::NotReady);
+    }
 }

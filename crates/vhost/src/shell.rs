@@ -462,11 +462,13 @@ impl<D: Device> Shell<D> {
             // The chains counted above and no more: popping past them would only read the ring
             // again to find it empty. Later ones are found below, by the look or by turning
             // notifications back on (or, without EVENT_IDX, by the driver's kick).
+            let mut went_back = false;
             for _ in 0..available {
                 if stopping() {
                     break;
                 }
                 let Some(chain) = queue::pop(vring, &guest) else {
+                    went_back = true;
                     break;
                 };
                 if early {
@@ -496,6 +498,12 @@ impl<D: Device> Shell<D> {
             // This signal covers every completion so far, this thread's and others'.
             ctl.deferred.store(false, Ordering::SeqCst);
             signal(vring, queue::needs_notification(vring, &guest));
+            if went_back {
+                if let Ring::Corrupt(fault) = queue::index_went_back(vring) {
+                    self.dev.faults().record(fault);
+                }
+                return Ok(());
+            }
             // Stopping: leave notifications as they are; the next frontend starts the queue
             // afresh.
             if stopping() || !event_idx {
