@@ -161,7 +161,8 @@ fn data_chain(
         return reply_to(faults, mem, segs, r.unique, &reply);
     }
     let hdr = size_of::<OutHeader>();
-    let Some(room) = (segs.writable_len() as usize).checked_sub(hdr) else {
+    let writable = usize::try_from(segs.writable_len()).unwrap_or(usize::MAX);
+    let Some(room) = writable.checked_sub(hdr) else {
         faults.record("FUSE reply larger than the guest's buffers");
         return 0;
     };
