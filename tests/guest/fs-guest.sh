@@ -29,6 +29,14 @@ ln -s small rel-link
 ln -s /etc/hostname abs-link
 check "readlink" "$(readlink rel-link)" small
 check "through a symlink" "$(cat rel-link)" abcdef
+# a new symlink's own owner and times (coreutils' -h: lchown, utimensat with
+# AT_SYMLINK_NOFOLLOW); the daemon must not reach it through /proc/self/fd, which follows it
+ln -s small own-link
+chown -h 1234:5678 own-link
+touch -h -d '2020-01-02 03:04:05' own-link
+check "lchown" "$(stat -c '%u %g' own-link)" "1234 5678"
+check "lutimes" "$(stat -c %Y own-link)" "$(date -d '2020-01-02 03:04:05' +%s)"
+check "lchown left the target" "$(stat -c '%u' small)" 0
 
 # rename, rename over an existing file, rename a directory
 echo one > r1 && echo two > r2

@@ -14,7 +14,7 @@ for a in $("$root/bin/busybox" --list); do
   [ -e "$root/bin/$a" ] || ln -s busybox "$root/bin/$a"
 done
 tools=(bash mkfs.ext4 e2fsck mke2fs fstrim blkdiscard fio fsfreeze sha256sum stat dd truncate fallocate setfattr getfattr sync readlink
-       flock)
+       flock chown touch)
 for t in "${tools[@]}"; do
   p=$(command -v "$t" 2>/dev/null) || continue
   rm -f "$root/bin/$t"
