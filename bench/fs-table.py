@@ -43,7 +43,6 @@ for cond in conditions:
     if io:
         cols = [l for l in labels if l in io]
         peers = [l for l in cols if not l.startswith("vsnap")]
-        rows = []
         # vsnap on one request queue, and (vsnap-2q) on two where the driver uses two: the peers
         # offer one.
         mine = [l for l in ("vsnap", "vsnap-2q") if l in io] if peers else []

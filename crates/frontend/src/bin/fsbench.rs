@@ -51,8 +51,8 @@ struct Args {
     /// Only this case of the `io` phase (e.g. `read_4k_qd16`), to reproduce one figure.
     #[arg(long)]
     case: Option<String>,
-    /// Request queues to ask the device for (besides hiprio). With more than one, the `io`
-    /// phase runs only its 16-in-flight cases, the 16 shared out among the queues.
+    /// Request queues to ask the device for (besides hiprio). The `io` phase shares each case's
+    /// requests in flight out among them, and skips a case whose count they do not divide.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
     request_queues: u16,
 }
@@ -519,7 +519,7 @@ fn io(f: &mut Fuse, a: &Args) -> Result<(), String> {
     for bs in [4096u32, 128 << 10] {
         for write in [false, true] {
             for qd in QDS {
-                if qd < usize::from(a.request_queues) {
+                if qd % usize::from(a.request_queues) != 0 {
                     continue;
                 }
                 let c = IoCase {
